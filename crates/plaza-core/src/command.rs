@@ -1,0 +1,60 @@
+//! What a client asks of the server, whatever protocol it speaks. Each protocol adapter decodes
+//! its frames into these; the server executes them.
+
+use crate::payload::Payload;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Opens the session. Must come first.
+    Connect {
+        /// A free-form client name for logs (`"web-1.2"`), optional.
+        client_name: Option<String>,
+    },
+    Subscribe {
+        channel: String,
+    },
+    Unsubscribe {
+        channel: String,
+    },
+    Publish {
+        channel: String,
+        data: Payload,
+    },
+    /// Application-level ping: answered with an empty result.
+    Ping,
+}
+
+impl Command {
+    /// The method name, for logs and errors.
+    pub fn method(&self) -> &'static str {
+        match self {
+            Command::Connect { .. } => "connect",
+            Command::Subscribe { .. } => "subscribe",
+            Command::Unsubscribe { .. } => "unsubscribe",
+            Command::Publish { .. } => "publish",
+            Command::Ping => "ping",
+        }
+    }
+}
+
+/// A successful answer to a [`Command`], before a protocol adapter encodes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The session is open.
+    Connected(ConnectInfo),
+    /// The command was carried out and has nothing more to say.
+    Done,
+}
+
+/// What a client learns when its session opens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectInfo {
+    /// The connection's id on this server, for logs and support.
+    pub client_id: String,
+    /// The server's version.
+    pub version: &'static str,
+    /// Seconds between server pings; 0 when keep-alive pings are off.
+    pub ping_interval_secs: u64,
+    /// Largest frame the client may send, in bytes.
+    pub max_frame_size: usize,
+}

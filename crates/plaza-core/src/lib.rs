@@ -1,0 +1,24 @@
+//! Plaza's pure logic.
+//!
+//! Nothing in this crate opens a socket, reads a file, spawns a task or reads a clock: callers pass
+//! time and data in. That keeps every rule here testable with plain values, and lets every protocol
+//! adapter and every storage or broker backend share one definition of a channel, a namespace, a
+//! limit or an error code.
+
+pub mod channel;
+pub mod command;
+pub mod error;
+pub mod index;
+pub mod limits;
+pub mod namespace;
+pub mod payload;
+pub mod publication;
+
+pub use channel::{ChannelName, ChannelNameError};
+pub use command::{Command, ConnectInfo, Outcome};
+pub use error::{CloseCode, ErrorCode, ReplyError};
+pub use index::{ConnId, SubscriptionIndex};
+pub use limits::Limits;
+pub use namespace::{NamespaceError, NamespaceOptions, Namespaces};
+pub use payload::{Payload, PayloadError};
+pub use publication::Publication;

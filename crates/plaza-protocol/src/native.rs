@@ -1,0 +1,343 @@
+//! The native protocol, version 1: JSON text frames (`docs/PROTOCOL.md` is the specification).
+//!
+//! Request: `{"id": 1, "method": "subscribe", "params": {"channel": "news"}}`.
+//! Reply: `{"id": 1, "result": {...}}` or `{"id": 1, "error": {"code": 105, "message": "..."}}`.
+//! Push: `{"push": "publication", "channel": "news", "data": ...}`.
+//!
+//! A frame that cannot be read as a request with a usable `id` gets an error whose `id` is
+//! `null`, as in JSON-RPC 2.0, and the connection stays open.
+
+use plaza_core::command::{ConnectInfo, Outcome};
+use plaza_core::{Command, ErrorCode, Payload, Publication, ReplyError};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+/// Protocol version spoken by this module.
+pub const VERSION: u32 = 1;
+
+/// Longest accepted string id, in bytes.
+pub const MAX_ID_LEN: usize = 64;
+
+/// A request id, kept as the JSON text the client sent so the reply echoes it exactly.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestId(Box<str>);
+
+impl RequestId {
+    pub fn as_json(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A decoded request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    pub id: RequestId,
+    pub command: Command,
+}
+
+/// Why a frame could not become a [`Request`]. `id` is set when the frame had a usable id, so the
+/// error reply can carry it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DecodeError {
+    pub id: Option<RequestId>,
+    pub error: ReplyError,
+}
+
+#[derive(Deserialize)]
+struct Envelope<'a> {
+    #[serde(borrow)]
+    id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    method: Option<&'a RawValue>,
+    #[serde(borrow)]
+    params: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize, Default)]
+struct Params<'a> {
+    #[serde(borrow)]
+    channel: Option<&'a RawValue>,
+    #[serde(borrow)]
+    data: Option<&'a RawValue>,
+    #[serde(borrow)]
+    name: Option<&'a RawValue>,
+}
+
+fn bad(message: impl Into<String>) -> ReplyError {
+    ReplyError::new(ErrorCode::BadRequest, message)
+}
+
+/// Decodes one text frame.
+pub fn decode(text: &str) -> Result<Request, DecodeError> {
+    let no_id = |error| DecodeError { id: None, error };
+    let raw: &RawValue =
+        serde_json::from_str(text).map_err(|e| no_id(bad(format!("invalid JSON: {e}"))))?;
+    if !raw.get().starts_with('{') {
+        return Err(no_id(bad("a request must be a JSON object")));
+    }
+    let env: Envelope =
+        serde_json::from_str(raw.get()).map_err(|e| no_id(bad(format!("invalid request: {e}"))))?;
+    let id = parse_id(env.id).map_err(no_id)?;
+    let with_id = |error| DecodeError {
+        id: Some(id.clone()),
+        error,
+    };
+    let method: String = match env.method {
+        None => return Err(with_id(bad("missing field 'method'"))),
+        Some(m) => serde_json::from_str(m.get())
+            .map_err(|_| with_id(bad("field 'method' must be a string")))?,
+    };
+    let params: Params = match env.params {
+        None => Params::default(),
+        Some(p) if p.get().starts_with('{') => serde_json::from_str(p.get())
+            .map_err(|e| with_id(bad(format!("invalid params: {e}"))))?,
+        Some(_) => return Err(with_id(bad("field 'params' must be an object"))),
+    };
+    let command = match method.as_str() {
+        "connect" => Command::Connect {
+            client_name: optional_string(params.name, "name").map_err(with_id)?,
+        },
+        "subscribe" => Command::Subscribe {
+            channel: required_string(params.channel, "channel").map_err(with_id)?,
+        },
+        "unsubscribe" => Command::Unsubscribe {
+            channel: required_string(params.channel, "channel").map_err(with_id)?,
+        },
+        "publish" => Command::Publish {
+            channel: required_string(params.channel, "channel").map_err(with_id)?,
+            data: params
+                .data
+                .map(Payload::from_raw)
+                .ok_or_else(|| with_id(bad("missing field 'params.data'")))?,
+        },
+        "ping" => Command::Ping,
+        other => {
+            return Err(with_id(ReplyError::new(
+                ErrorCode::UnknownMethod,
+                format!("unknown method '{}'", truncate(other, 64)),
+            )));
+        }
+    };
+    Ok(Request { id, command })
+}
+
+fn parse_id(raw: Option<&RawValue>) -> Result<RequestId, ReplyError> {
+    let raw = raw.ok_or_else(|| bad("missing field 'id'"))?;
+    let text = raw.get();
+    let valid = match text.as_bytes().first() {
+        Some(b'0'..=b'9') => text.parse::<u64>().is_ok(),
+        Some(b'"') => serde_json::from_str::<String>(text)
+            .map(|s| !s.is_empty() && s.len() <= MAX_ID_LEN)
+            .unwrap_or(false),
+        _ => false,
+    };
+    if valid {
+        Ok(RequestId(text.into()))
+    } else {
+        Err(bad(format!(
+            "field 'id' must be an integer from 0 to 2^64-1 or a string of 1 to {MAX_ID_LEN} bytes"
+        )))
+    }
+}
+
+fn required_string(raw: Option<&RawValue>, field: &str) -> Result<String, ReplyError> {
+    optional_string(raw, field)?.ok_or_else(|| bad(format!("missing field 'params.{field}'")))
+}
+
+fn optional_string(raw: Option<&RawValue>, field: &str) -> Result<Option<String>, ReplyError> {
+    match raw {
+        None => Ok(None),
+        Some(r) => serde_json::from_str::<String>(r.get())
+            .map(Some)
+            .map_err(|_| bad(format!("field 'params.{field}' must be a string"))),
+    }
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+fn json_string(s: &str) -> String {
+    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".to_owned())
+}
+
+/// Encodes the reply to a request.
+pub fn encode_reply(id: &RequestId, outcome: &Result<Outcome, ReplyError>) -> String {
+    match outcome {
+        Ok(Outcome::Done) => format!("{{\"id\":{},\"result\":{{}}}}", id.as_json()),
+        Ok(Outcome::Connected(info)) => encode_connected(id, info),
+        Err(e) => encode_error(Some(id), e),
+    }
+}
+
+fn encode_connected(id: &RequestId, info: &ConnectInfo) -> String {
+    format!(
+        "{{\"id\":{},\"result\":{{\"client\":{},\"version\":{},\"protocol\":{VERSION},\"ping_interval\":{},\"max_frame_size\":{}}}}}",
+        id.as_json(),
+        json_string(&info.client_id),
+        json_string(info.version),
+        info.ping_interval_secs,
+        info.max_frame_size,
+    )
+}
+
+/// Encodes an error reply; `id` is `None` when the frame had no usable id.
+pub fn encode_error(id: Option<&RequestId>, error: &ReplyError) -> String {
+    format!(
+        "{{\"id\":{},\"error\":{{\"code\":{},\"message\":{}}}}}",
+        id.map_or("null", RequestId::as_json),
+        error.code.code(),
+        json_string(&error.message)
+    )
+}
+
+/// Encodes the push of a publication. Called once per publication, whatever the number of
+/// subscribers: the frame carries no per-subscriber field.
+pub fn encode_publication(publication: &Publication) -> String {
+    let channel = json_string(publication.channel.as_str());
+    let data = publication.data.as_str();
+    let mut out = String::with_capacity(40 + channel.len() + data.len());
+    out.push_str("{\"push\":\"publication\",\"channel\":");
+    out.push_str(&channel);
+    out.push_str(",\"data\":");
+    out.push_str(data);
+    out.push('}');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use plaza_core::ChannelName;
+    use proptest::prelude::*;
+
+    fn ok(text: &str) -> Request {
+        decode(text).unwrap_or_else(|e| panic!("{text}: {e:?}"))
+    }
+
+    fn err(text: &str) -> DecodeError {
+        decode(text).expect_err(text)
+    }
+
+    #[test]
+    fn decodes_every_method() {
+        let r = ok(r#"{"id":1,"method":"connect","params":{"name":"web"}}"#);
+        assert_eq!(r.id.as_json(), "1");
+        assert_eq!(
+            r.command,
+            Command::Connect {
+                client_name: Some("web".into())
+            }
+        );
+        assert_eq!(
+            ok(r#"{"id":"a","method":"connect"}"#).command,
+            Command::Connect { client_name: None }
+        );
+        assert_eq!(
+            ok(r#"{"id":2,"method":"subscribe","params":{"channel":"news"}}"#).command,
+            Command::Subscribe {
+                channel: "news".into()
+            }
+        );
+        assert_eq!(
+            ok(r#"{"id":3,"method":"unsubscribe","params":{"channel":"news"}}"#).command,
+            Command::Unsubscribe {
+                channel: "news".into()
+            }
+        );
+        let p = ok(r#"{"id":4,"method":"publish","params":{"channel":"c","data":{"x": [1, 2]}}}"#);
+        match p.command {
+            Command::Publish { channel, data } => {
+                assert_eq!(channel, "c");
+                assert_eq!(data.as_str(), r#"{"x": [1, 2]}"#);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(ok(r#"{"id":5,"method":"ping"}"#).command, Command::Ping);
+    }
+
+    #[test]
+    fn bad_frames_name_the_problem() {
+        let e = err("{not json");
+        assert_eq!((e.id, e.error.code), (None, ErrorCode::BadRequest));
+        assert!(e.error.message.starts_with("invalid JSON"));
+        let e = err("[1,2]");
+        assert_eq!(e.error.message, "a request must be a JSON object");
+        assert_eq!(err(r#"{"method":"ping"}"#).error.message, "missing field 'id'");
+        assert!(err(r#"{"id":-1,"method":"ping"}"#).id.is_none());
+        assert!(err(r#"{"id":1.5,"method":"ping"}"#).id.is_none());
+        assert!(err(r#"{"id":"","method":"ping"}"#).id.is_none());
+        let e = err(r#"{"id":7}"#);
+        assert_eq!(e.id.unwrap().as_json(), "7");
+        assert_eq!(e.error.message, "missing field 'method'");
+        let e = err(r#"{"id":7,"method":"fly"}"#);
+        assert_eq!(e.error.code, ErrorCode::UnknownMethod);
+        assert_eq!(e.error.message, "unknown method 'fly'");
+        let e = err(r#"{"id":7,"method":"subscribe","params":{}}"#);
+        assert_eq!(e.error.message, "missing field 'params.channel'");
+        let e = err(r#"{"id":7,"method":"subscribe","params":{"channel":5}}"#);
+        assert_eq!(e.error.message, "field 'params.channel' must be a string");
+        let e = err(r#"{"id":7,"method":"subscribe","params":[]}"#);
+        assert_eq!(e.error.message, "field 'params' must be an object");
+        let e = err(r#"{"id":7,"method":"publish","params":{"channel":"c"}}"#);
+        assert_eq!(e.error.message, "missing field 'params.data'");
+        let e = err(r#"{"id":7,"method":3}"#);
+        assert_eq!(e.error.message, "field 'method' must be a string");
+    }
+
+    #[test]
+    fn encodes_replies_and_pushes() {
+        let id = ok(r#"{"id":"req-1","method":"ping"}"#).id;
+        assert_eq!(
+            encode_reply(&id, &Ok(Outcome::Done)),
+            r#"{"id":"req-1","result":{}}"#
+        );
+        let e = ReplyError::new(ErrorCode::InvalidChannel, "bad \"name\"");
+        assert_eq!(
+            encode_reply(&id, &Err(e.clone())),
+            r#"{"id":"req-1","error":{"code":105,"message":"bad \"name\""}}"#
+        );
+        assert_eq!(
+            encode_error(None, &e),
+            r#"{"id":null,"error":{"code":105,"message":"bad \"name\""}}"#
+        );
+        let info = ConnectInfo {
+            client_id: "c1".into(),
+            version: "0.1.0",
+            ping_interval_secs: 25,
+            max_frame_size: 65536,
+        };
+        let v: serde_json::Value =
+            serde_json::from_str(&encode_reply(&id, &Ok(Outcome::Connected(info)))).unwrap();
+        assert_eq!(v["result"]["client"], "c1");
+        assert_eq!(v["result"]["protocol"], 1);
+        assert_eq!(v["result"]["ping_interval"], 25);
+        let publication = Publication {
+            channel: ChannelName::parse("chat:r\"1", 255).unwrap(),
+            data: Payload::from_json_text(r#"{"text":"hi"}"#).unwrap(),
+        };
+        assert_eq!(
+            encode_publication(&publication),
+            r#"{"push":"publication","channel":"chat:r\"1","data":{"text":"hi"}}"#
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_text_never_panics(s in ".{0,200}") {
+            let _ = decode(&s);
+        }
+
+        #[test]
+        fn error_replies_are_valid_json(msg in ".{0,100}", id in any::<u64>()) {
+            let req = ok(&format!(r#"{{"id":{id},"method":"ping"}}"#));
+            let text = encode_error(Some(&req.id), &ReplyError::new(ErrorCode::Internal, msg.clone()));
+            let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+            prop_assert_eq!(v["error"]["message"].as_str(), Some(msg.as_str()));
+            prop_assert_eq!(v["id"].as_u64(), Some(id));
+        }
+    }
+}
