@@ -32,10 +32,12 @@ pub enum ErrorCode {
     LimitExceeded,
     /// Binary frames are not part of this protocol.
     BinaryNotSupported,
+    /// Missing or wrong credentials (the backend key, later tokens).
+    Unauthorized,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 12] = [
+    pub const ALL: [ErrorCode; 13] = [
         ErrorCode::Internal,
         ErrorCode::BadRequest,
         ErrorCode::UnknownMethod,
@@ -48,6 +50,7 @@ impl ErrorCode {
         ErrorCode::NotSubscribed,
         ErrorCode::LimitExceeded,
         ErrorCode::BinaryNotSupported,
+        ErrorCode::Unauthorized,
     ];
 
     pub fn code(self) -> u16 {
@@ -64,6 +67,7 @@ impl ErrorCode {
             ErrorCode::NotSubscribed => 109,
             ErrorCode::LimitExceeded => 110,
             ErrorCode::BinaryNotSupported => 111,
+            ErrorCode::Unauthorized => 112,
         }
     }
 
@@ -82,6 +86,7 @@ impl ErrorCode {
             ErrorCode::NotSubscribed => "not_subscribed",
             ErrorCode::LimitExceeded => "limit_exceeded",
             ErrorCode::BinaryNotSupported => "binary_not_supported",
+            ErrorCode::Unauthorized => "unauthorized",
         }
     }
 
@@ -109,7 +114,13 @@ impl ReplyError {
 
 impl fmt::Display for ReplyError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} ({}): {}", self.code.code(), self.code.name(), self.message)
+        write!(
+            f,
+            "{} ({}): {}",
+            self.code.code(),
+            self.code.name(),
+            self.message
+        )
     }
 }
 

@@ -50,7 +50,9 @@ impl Limits {
         ];
         for (name, value, min) in checks {
             if value < min {
-                return Err(format!("limits.{name} is {value}, it must be at least {min}"));
+                return Err(format!(
+                    "limits.{name} is {value}, it must be at least {min}"
+                ));
             }
         }
         Ok(())

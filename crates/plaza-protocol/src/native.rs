@@ -266,7 +266,10 @@ mod tests {
         assert!(e.error.message.starts_with("invalid JSON"));
         let e = err("[1,2]");
         assert_eq!(e.error.message, "a request must be a JSON object");
-        assert_eq!(err(r#"{"method":"ping"}"#).error.message, "missing field 'id'");
+        assert_eq!(
+            err(r#"{"method":"ping"}"#).error.message,
+            "missing field 'id'"
+        );
         assert!(err(r#"{"id":-1,"method":"ping"}"#).id.is_none());
         assert!(err(r#"{"id":1.5,"method":"ping"}"#).id.is_none());
         assert!(err(r#"{"id":"","method":"ping"}"#).id.is_none());

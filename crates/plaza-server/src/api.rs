@@ -1,0 +1,316 @@
+//! The backend HTTP API: what the app's backend calls to publish and inspect. Every `/api/...`
+//! route needs the backend key; `/metrics` and `/healthz` do not.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use plaza_core::{ChannelName, ErrorCode, Payload, ReplyError};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use subtle::ConstantTimeEq;
+
+use crate::node::Node;
+
+#[derive(Clone)]
+struct ApiState {
+    node: Arc<Node>,
+    key: Arc<str>,
+}
+
+pub fn router(node: Arc<Node>, key: Arc<str>) -> Router {
+    let body_limit = node.settings.limits.max_api_body_size;
+    let state = ApiState { node, key };
+    let api = Router::new()
+        .route("/api/publish", post(publish))
+        .route("/api/broadcast", post(broadcast))
+        .route("/api/channels", get(channels))
+        .route("/api/info", get(info))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
+    Router::new()
+        .merge(api)
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            count_requests,
+        ))
+        .with_state(state)
+}
+
+/// An API error: an HTTP status and the native protocol's error body.
+struct ApiError {
+    status: StatusCode,
+    error: ReplyError,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            error: ReplyError::new(code, message),
+        }
+    }
+
+    fn bad_request(error: ReplyError) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            error,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({
+            "error": {"code": self.error.code.code(), "message": self.error.message}
+        });
+        let mut response = (self.status, axum::Json(body)).into_response();
+        // Lets the counting middleware attribute the error to its kind.
+        response.extensions_mut().insert(self.error.code);
+        response
+    }
+}
+
+async fn require_key(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    request: Request,
+    next: Next,
+) -> Response {
+    let given = headers
+        .get("x-plaza-key")
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| {
+            headers
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("apikey "))
+        });
+    let Some(given) = given else {
+        return ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            ErrorCode::Unauthorized,
+            "missing backend key: send 'X-Plaza-Key: <key>' or 'Authorization: apikey <key>'",
+        )
+        .into_response();
+    };
+    if !bool::from(given.trim().as_bytes().ct_eq(state.key.as_bytes())) {
+        return ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            ErrorCode::Unauthorized,
+            "wrong backend key",
+        )
+        .into_response();
+    }
+    next.run(request).await
+}
+
+async fn count_requests(State(state): State<ApiState>, request: Request, next: Next) -> Response {
+    let endpoint = match request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(MatchedPath::as_str)
+    {
+        Some("/api/publish") => "/api/publish",
+        Some("/api/broadcast") => "/api/broadcast",
+        Some("/api/channels") => "/api/channels",
+        Some("/api/info") => "/api/info",
+        Some("/metrics") => "/metrics",
+        Some("/healthz") => "/healthz",
+        _ => "other",
+    };
+    let response = next.run(request).await;
+    let metrics = &state.node.hub.metrics;
+    metrics.api_request(endpoint, response.status().as_u16());
+    if let Some(code) = response.extensions().get::<ErrorCode>() {
+        metrics.error(*code);
+    }
+    response
+}
+
+fn read_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                ErrorCode::LimitExceeded,
+                "request body is larger than limits.max_api_body_size",
+            )
+        } else {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::BadRequest,
+                format!("cannot read body: {e}"),
+            )
+        }
+    })
+}
+
+fn parse_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, ApiError> {
+    let bad = |m: String| ApiError::new(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, m);
+    let raw: &RawValue =
+        serde_json::from_slice(body).map_err(|e| bad(format!("invalid JSON: {e}")))?;
+    if !raw.get().starts_with('{') {
+        return Err(bad("the body must be a JSON object".into()));
+    }
+    serde_json::from_str(raw.get()).map_err(|e| bad(format!("invalid request: {e}")))
+}
+
+#[derive(Deserialize)]
+struct PublishBody<'a> {
+    channel: String,
+    #[serde(borrow)]
+    data: &'a RawValue,
+}
+
+#[derive(Deserialize)]
+struct BroadcastBody<'a> {
+    channels: Vec<String>,
+    #[serde(borrow)]
+    data: &'a RawValue,
+}
+
+fn resolve(node: &Node, name: &str) -> Result<ChannelName, ApiError> {
+    node.resolve_channel(name)
+        .map(|(channel, _)| channel)
+        .map_err(ApiError::bad_request)
+}
+
+fn internal(error: ReplyError) -> ApiError {
+    ApiError {
+        status: StatusCode::INTERNAL_SERVER_ERROR,
+        error,
+    }
+}
+
+async fn publish(
+    State(state): State<ApiState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = read_body(body)?;
+    let req: PublishBody = parse_json(&body)?;
+    let channel = resolve(&state.node, &req.channel)?;
+    state
+        .node
+        .publish(channel, Payload::from_raw(req.data))
+        .await
+        .map_err(internal)?;
+    Ok(empty_object())
+}
+
+async fn broadcast(
+    State(state): State<ApiState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = read_body(body)?;
+    let req: BroadcastBody = parse_json(&body)?;
+    let max = state.node.settings.limits.max_broadcast_channels;
+    if req.channels.is_empty() || req.channels.len() > max {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            if req.channels.is_empty() {
+                ErrorCode::BadRequest
+            } else {
+                ErrorCode::LimitExceeded
+            },
+            format!(
+                "channels must hold 1 to {max} names, it has {}",
+                req.channels.len()
+            ),
+        ));
+    }
+    // Every name is checked before anything is published.
+    let channels = req
+        .channels
+        .iter()
+        .map(|name| resolve(&state.node, name))
+        .collect::<Result<Vec<_>, _>>()?;
+    let data = Payload::from_raw(req.data);
+    for channel in channels {
+        state
+            .node
+            .publish(channel, data.clone())
+            .await
+            .map_err(internal)?;
+    }
+    Ok(empty_object())
+}
+
+fn empty_object() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], "{}").into_response()
+}
+
+#[derive(Deserialize)]
+struct ChannelsQuery {
+    prefix: Option<String>,
+}
+
+async fn channels(State(state): State<ApiState>, Query(q): Query<ChannelsQuery>) -> Response {
+    let prefix = q.prefix.unwrap_or_default();
+    let list: Vec<serde_json::Value> = state
+        .node
+        .hub
+        .channels()
+        .into_iter()
+        .filter(|(name, _)| name.starts_with(prefix.as_str()))
+        .map(|(name, n)| serde_json::json!({"channel": &*name, "subscribers": n}))
+        .collect();
+    axum::Json(serde_json::json!({ "channels": list })).into_response()
+}
+
+async fn info(State(state): State<ApiState>) -> Response {
+    let node = &state.node;
+    let metrics = &node.hub.metrics;
+    axum::Json(serde_json::json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "node": node.id,
+        "broker": node.broker.name(),
+        "uptime_seconds": node.started.elapsed().as_secs(),
+        "connections": node.hub.connection_count(),
+        "subscriptions": metrics.subscriptions.load(std::sync::atomic::Ordering::Relaxed),
+        "channels": node.hub.channel_count(),
+    }))
+    .into_response()
+}
+
+async fn metrics(State(state): State<ApiState>) -> Response {
+    let text = state
+        .node
+        .hub
+        .metrics
+        .render(state.node.hub.channel_count());
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        Body::from(text),
+    )
+        .into_response()
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        ErrorCode::UnknownMethod,
+        "no such endpoint",
+    )
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        ErrorCode::UnknownMethod,
+        "method not allowed for this endpoint",
+    )
+}

@@ -1,0 +1,126 @@
+//! Binds the two listeners and runs until SIGTERM or SIGINT, then shuts down gracefully: stop
+//! accepting, close every connection with the shutdown code (reconnect range), wait for them to
+//! go (bounded), exit.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use axum::Router;
+use axum::http::StatusCode;
+use axum::routing::get;
+use plaza_core::CloseCode;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::backend_key::{self, KeySource};
+use crate::config::Config;
+use crate::node::Node;
+use crate::{api, keepalive, ws};
+
+pub async fn serve(config: Config) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
+    let (key, source) =
+        backend_key::load_or_create(config.backend_key.as_deref(), &config.data_dir)?;
+    match source {
+        KeySource::Configured => {
+            if key.len() < 16 {
+                tracing::warn!("the configured backend key is shorter than 16 characters");
+            }
+        }
+        KeySource::File(path) => {
+            tracing::info!(path = %path.display(), "backend key read from file");
+        }
+        KeySource::Generated(path) => tracing::info!(
+            path = %path.display(),
+            "no backend key configured: generated one and saved it to this file"
+        ),
+    }
+
+    let node_id = backend_key::random_hex(4)?;
+    let node = Node::local(config.settings(), node_id.clone());
+
+    let public = Router::new()
+        .route(&config.native_path, get(ws::upgrade))
+        .fallback(|| async { (StatusCode::NOT_FOUND, "no such endpoint\n") })
+        .with_state(Arc::clone(&node));
+    let backend = api::router(Arc::clone(&node), Arc::from(key));
+
+    let public_listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let backend_listener = TcpListener::bind(config.backend_listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.backend_listen))?;
+    let public_addr = public_listener.local_addr()?;
+    let backend_addr = backend_listener.local_addr()?;
+    tracing::info!(
+        node = %node_id,
+        version = env!("CARGO_PKG_VERSION"),
+        data_dir = %config.data_dir.display(),
+        "plaza starting"
+    );
+    tracing::info!(addr = %public_addr, native = %config.native_path, "public listener bound");
+    tracing::info!(addr = %backend_addr, "backend listener bound");
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let keepalive = tokio::spawn(keepalive::run(Arc::clone(&node)));
+    let public_server = tokio::spawn(
+        axum::serve(public_listener, public)
+            .with_graceful_shutdown(stopped(stop_rx.clone()))
+            .into_future(),
+    );
+    let backend_server = tokio::spawn(
+        axum::serve(backend_listener, backend)
+            .with_graceful_shutdown(stopped(stop_rx))
+            .into_future(),
+    );
+
+    let signal = shutdown_signal().await?;
+    tracing::info!(signal, "shutting down");
+    let _ = stop_tx.send(true);
+    node.hub.close_all(CloseCode::Shutdown);
+    let deadline = Instant::now() + Duration::from_secs(config.shutdown_timeout_secs);
+    while node.hub.connection_count() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let left = node.hub.connection_count();
+    if left > 0 {
+        tracing::warn!(left, "connections still open at the shutdown deadline");
+    }
+    keepalive.abort();
+    for server in [public_server, backend_server] {
+        match tokio::time::timeout(Duration::from_secs(1), server).await {
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "listener ended with an error"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "listener task failed"),
+            _ => {}
+        }
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+async fn shutdown_signal() -> anyhow::Result<&'static str> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+        let mut int = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
+        Ok(tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        })
+    }
+    #[cfg(not(unix))]
+    {
+        tokio::signal::ctrl_c()
+            .await
+            .context("cannot listen for Ctrl-C")?;
+        Ok("ctrl-c")
+    }
+}
