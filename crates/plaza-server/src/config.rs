@@ -39,6 +39,11 @@ pub struct Config {
     pub ws_read_buffer_size: usize,
     /// Per-connection write buffer of the WebSocket codec, in bytes.
     pub ws_write_buffer_size: usize,
+    /// Kernel send buffer (SO_SNDBUF) of each public connection, in bytes. Unset: the kernel's
+    /// autotuning. Setting it bounds kernel memory per connection and makes a stalled client hit
+    /// its queue limit sooner.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tcp_send_buffer_size: Option<usize>,
     pub limits: Limits,
     /// Options of channels without a namespace.
     pub default_namespace: NamespaceOptions,
@@ -59,6 +64,7 @@ impl Default for Config {
             shutdown_timeout_secs: 5,
             ws_read_buffer_size: 4096,
             ws_write_buffer_size: 32 * 1024,
+            tcp_send_buffer_size: None,
             limits: Limits::default(),
             default_namespace: NamespaceOptions::default(),
             namespaces: BTreeMap::new(),
@@ -209,6 +215,12 @@ impl Config {
         }
         if !(1024..=16 * 1024 * 1024).contains(&self.ws_write_buffer_size) {
             return invalid("ws_write_buffer_size must be between 1024 and 16777216".into());
+        }
+        if self
+            .tcp_send_buffer_size
+            .is_some_and(|n| !(2048..=64 * 1024 * 1024).contains(&n))
+        {
+            return invalid("tcp_send_buffer_size must be between 2048 and 67108864".into());
         }
         if self.ping_interval_secs > 3600 || self.connect_timeout_secs > 3600 {
             return invalid(

@@ -9,6 +9,7 @@ use anyhow::Context as _;
 use axum::Router;
 use axum::http::StatusCode;
 use axum::routing::get;
+use axum::serve::ListenerExt as _;
 use plaza_core::CloseCode;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -66,6 +67,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let keepalive = tokio::spawn(keepalive::run(Arc::clone(&node)));
+    let send_buffer = config.tcp_send_buffer_size;
+    let public_listener = public_listener.tap_io(move |tcp| tune_socket(tcp, send_buffer));
     let public_server = tokio::spawn(
         axum::serve(public_listener, public)
             .with_graceful_shutdown(stopped(stop_rx.clone()))
@@ -99,6 +102,18 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Small frames must leave at once (no Nagle delay); the send buffer is bounded if configured.
+fn tune_socket(tcp: &mut tokio::net::TcpStream, send_buffer: Option<usize>) {
+    if let Err(e) = tcp.set_nodelay(true) {
+        tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+    }
+    if let Some(size) = send_buffer {
+        if let Err(e) = socket2::SockRef::from(&*tcp).set_send_buffer_size(size) {
+            tracing::debug!(error = %e, "cannot set SO_SNDBUF");
+        }
+    }
 }
 
 async fn stopped(mut rx: watch::Receiver<bool>) {

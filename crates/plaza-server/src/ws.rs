@@ -22,7 +22,7 @@ use crate::node::Node;
 use crate::session::Session;
 
 /// How long the writer may take to deliver the close frame before the socket is dropped.
-const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Most frames fed before one flush, so one busy connection cannot monopolise its task.
 const MAX_FRAMES_PER_FLUSH: usize = 256;
 
