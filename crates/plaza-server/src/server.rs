@@ -109,10 +109,10 @@ fn tune_socket(tcp: &mut tokio::net::TcpStream, send_buffer: Option<usize>) {
     if let Err(e) = tcp.set_nodelay(true) {
         tracing::debug!(error = %e, "cannot set TCP_NODELAY");
     }
-    if let Some(size) = send_buffer {
-        if let Err(e) = socket2::SockRef::from(&*tcp).set_send_buffer_size(size) {
-            tracing::debug!(error = %e, "cannot set SO_SNDBUF");
-        }
+    if let Some(size) = send_buffer
+        && let Err(e) = socket2::SockRef::from(&*tcp).set_send_buffer_size(size)
+    {
+        tracing::debug!(error = %e, "cannot set SO_SNDBUF");
     }
 }
 

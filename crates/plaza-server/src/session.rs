@@ -131,10 +131,10 @@ impl Session {
     async fn leave(&self, channel: &Arc<str>) {
         let hub = &self.node.hub;
         hub.unsubscribe(channel, self.conn.id);
-        if hub.subscriber_count(channel) == 0 {
-            if let Err(e) = self.node.broker.unsubscribe(Arc::clone(channel)).await {
-                tracing::warn!(channel = %channel, error = %e, "broker unsubscribe failed");
-            }
+        if hub.subscriber_count(channel) == 0
+            && let Err(e) = self.node.broker.unsubscribe(Arc::clone(channel)).await
+        {
+            tracing::warn!(channel = %channel, error = %e, "broker unsubscribe failed");
         }
     }
 
