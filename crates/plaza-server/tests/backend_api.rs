@@ -1,5 +1,7 @@
 //! The backend HTTP API against the real binary.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use common::{Client, KEY, Server, http};

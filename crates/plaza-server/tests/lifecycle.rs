@@ -1,6 +1,8 @@
 //! Keep-alive, connect timeout, graceful shutdown, key generation and the CLI, against the real
 //! binary.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::process::Command;

@@ -1,5 +1,7 @@
 //! End-to-end tests of the native WebSocket protocol against the real binary.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::time::Duration;
