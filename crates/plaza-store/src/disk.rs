@@ -26,8 +26,8 @@
 //! panic.
 
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::SystemTime;
 
 use plaza_core::{ChannelName, Payload};
@@ -39,8 +39,8 @@ use tokio::task::JoinHandle;
 use crate::clock::{duration_ms, unix_ms};
 use crate::stream::{self, expired, plan_append, plan_read};
 use crate::{
-    BoxFuture, Clock, ReadResult, Store, StoreError, StoreStats, StreamOptions, StreamPosition,
-    SystemClock,
+    AppendListener, BoxFuture, Clock, ReadResult, Store, StoreError, StoreStats, StreamOptions,
+    StreamPosition, SystemClock,
 };
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("stream_meta");
@@ -61,11 +61,15 @@ const QUEUE: usize = 8192;
 /// written.
 pub struct RedbStore {
     db: Arc<Database>,
+    listener: Listener,
     requests: mpsc::Sender<Request>,
     counters: Arc<Counters>,
     runtime: Handle,
     writer: JoinHandle<()>,
 }
+
+/// Set once, after the store is open (the listener usually needs the store's owner to exist).
+type Listener = Arc<OnceLock<Arc<dyn AppendListener>>>;
 
 #[derive(Default)]
 struct Counters {
@@ -125,16 +129,19 @@ impl RedbStore {
         .await?;
         let db = Arc::new(db);
         let counters = Arc::new(Counters::default());
+        let listener = Listener::default();
         let (requests, queue) = mpsc::channel(QUEUE);
         let writer = runtime.spawn(run_writer(
             db.clone(),
             queue,
             clock,
             counters.clone(),
+            listener.clone(),
             runtime.clone(),
         ));
         Ok(Self {
             db,
+            listener,
             requests,
             counters,
             runtime,
@@ -264,6 +271,10 @@ impl Store for RedbStore {
         Box::pin(self.write(move |reply| Request::TrimExpired { now_ms, reply }))
     }
 
+    fn set_listener(&self, listener: Arc<dyn AppendListener>) -> bool {
+        self.listener.set(listener).is_ok()
+    }
+
     fn stats(&self) -> StoreStats {
         StoreStats {
             appends: self.counters.appends.load(Ordering::Relaxed),
@@ -278,6 +289,7 @@ async fn run_writer(
     mut queue: mpsc::Receiver<Request>,
     clock: Arc<dyn Clock>,
     counters: Arc<Counters>,
+    listener: Listener,
     runtime: Handle,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
@@ -286,12 +298,12 @@ async fn run_writer(
         let requests = std::mem::replace(&mut batch, Vec::with_capacity(MAX_BATCH));
         // One clock reading per batch: its publications were stored at the same moment.
         let now_ms = unix_ms(clock.now());
-        let (db, counters) = (db.clone(), counters.clone());
+        let (db, counters, listener) = (db.clone(), counters.clone(), listener.clone());
         // Waiting here (rather than spawning and moving on) is what makes the next batch: while
         // this one commits, new requests queue up. If the batch panics, its reply senders are
         // dropped and every waiter gets `StoreError::Closed`.
         let _ = runtime
-            .spawn_blocking(move || commit_batch(&db, requests, now_ms, &counters))
+            .spawn_blocking(move || commit_batch(&db, requests, now_ms, &counters, &listener))
             .await;
     }
 }
@@ -301,7 +313,7 @@ enum Reply {
     Position(
         oneshot::Sender<Result<StreamPosition, StoreError>>,
         Result<StreamPosition, StoreError>,
-        /* is an append */ bool,
+        /* the appended publication, for an append */ Option<(Arc<str>, Payload)>,
     ),
     Count(
         oneshot::Sender<Result<u64, StoreError>>,
@@ -318,7 +330,14 @@ impl Reply {
     }
 
     fn is_successful_append(&self) -> bool {
-        matches!(self, Reply::Position(_, Ok(_), true))
+        matches!(self, Reply::Position(_, Ok(_), Some(_)))
+    }
+
+    /// Tells the listener about a successful append.
+    fn notify(&self, listener: &dyn AppendListener) {
+        if let Reply::Position(_, Ok(position), Some((channel, payload))) = self {
+            listener.appended(channel, position, payload);
+        }
     }
 
     fn send(self) {
@@ -333,15 +352,22 @@ impl Reply {
 impl Request {
     fn into_failed_reply(self, error: &StoreError) -> Reply {
         match self {
-            Request::Append { reply, .. } => Reply::Position(reply, Err(error.clone()), true),
-            Request::Create { reply, .. } => Reply::Position(reply, Err(error.clone()), false),
+            Request::Append { reply, .. } => Reply::Position(reply, Err(error.clone()), None),
+            Request::Create { reply, .. } => Reply::Position(reply, Err(error.clone()), None),
             Request::TrimExpired { reply, .. } => Reply::Count(reply, Err(error.clone())),
         }
     }
 }
 
-/// Applies a batch in one durable transaction, then answers every request.
-fn commit_batch(db: &Database, requests: Vec<Request>, now_ms: u64, counters: &Counters) {
+/// Applies a batch in one durable transaction, tells the listener about each append in order, then
+/// answers every request.
+fn commit_batch(
+    db: &Database,
+    requests: Vec<Request>,
+    now_ms: u64,
+    counters: &Counters,
+    listener: &Listener,
+) {
     let mut replies = Vec::with_capacity(requests.len());
     let mut pending = requests.into_iter();
     let outcome = write_batch(db, &mut pending, now_ms, &mut replies);
@@ -354,6 +380,11 @@ fn commit_batch(db: &Database, requests: Vec<Request>, now_ms: u64, counters: &C
             counters
                 .appends
                 .fetch_add(appended as u64, Ordering::Relaxed);
+            if let Some(listener) = listener.get() {
+                for reply in &replies {
+                    reply.notify(listener.as_ref());
+                }
+            }
             replies
         }
         // Nothing of the batch is stored: every request gets the error, answered or not yet.
@@ -401,20 +432,20 @@ fn write_batch(
                 } => match tables.append(&channel, &payload, options, now_ms) {
                     Ok(result) => {
                         changed |= result.is_ok();
-                        replies.push(Reply::Position(reply, result, true));
+                        replies.push(Reply::Position(reply, result, Some((channel, payload))));
                     }
                     Err(fatal) => {
-                        replies.push(Reply::Position(reply, Err(fatal.clone()), true));
+                        replies.push(Reply::Position(reply, Err(fatal.clone()), None));
                         return Err(fatal);
                     }
                 },
                 Request::Create { channel, reply } => match tables.create(&channel) {
                     Ok(result) => {
                         changed |= matches!(result, Ok((_, true)));
-                        replies.push(Reply::Position(reply, result.map(|(p, _)| p), false));
+                        replies.push(Reply::Position(reply, result.map(|(p, _)| p), None));
                     }
                     Err(fatal) => {
-                        replies.push(Reply::Position(reply, Err(fatal.clone()), false));
+                        replies.push(Reply::Position(reply, Err(fatal.clone()), None));
                         return Err(fatal);
                     }
                 },

@@ -124,6 +124,17 @@ impl From<std::io::Error> for StoreError {
     }
 }
 
+/// Sees every successful append, in offset order per channel, before the appender's future
+/// resolves.
+///
+/// The server delivers publications of channels with history from here rather than after each
+/// appender's future resolves: futures of one group commit wake in any order, but subscribers must
+/// get offsets in order. Called with the store's write path held, so it must not block and must
+/// not call back into the store.
+pub trait AppendListener: Send + Sync + 'static {
+    fn appended(&self, channel: &str, position: &StreamPosition, payload: &Payload);
+}
+
 /// Durable storage for channel streams.
 ///
 /// Methods take `&self` and return boxed futures, so one `Arc<dyn Store>` is shared by every
@@ -172,4 +183,7 @@ pub trait Store: Send + Sync + 'static {
 
     /// Counters since the store was opened.
     fn stats(&self) -> StoreStats;
+
+    /// Installs the [`AppendListener`]. Only the first call takes effect; returns whether it did.
+    fn set_listener(&self, listener: Arc<dyn AppendListener>) -> bool;
 }

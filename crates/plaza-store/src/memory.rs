@@ -7,7 +7,7 @@
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::SystemTime;
 
 use plaza_core::{ChannelName, Payload};
@@ -15,14 +15,15 @@ use plaza_core::{ChannelName, Payload};
 use crate::clock::{duration_ms, unix_ms};
 use crate::stream::{self, expired, plan_append, plan_read};
 use crate::{
-    BoxFuture, Clock, ReadResult, Store, StoreError, StoreStats, StreamOptions, StreamPosition,
-    SystemClock,
+    AppendListener, BoxFuture, Clock, ReadResult, Store, StoreError, StoreStats, StreamOptions,
+    StreamPosition, SystemClock,
 };
 
 /// An in-memory [`Store`]. Every operation completes before its future is first polled.
 pub struct MemoryStore {
     state: Mutex<State>,
     clock: Arc<dyn Clock>,
+    listener: OnceLock<Arc<dyn AppendListener>>,
 }
 
 #[derive(Default)]
@@ -74,6 +75,7 @@ impl MemoryStore {
         Self {
             state: Mutex::new(State::default()),
             clock,
+            listener: OnceLock::new(),
         }
     }
 
@@ -89,6 +91,7 @@ impl MemoryStore {
         options: StreamOptions,
     ) -> Result<StreamPosition, StoreError> {
         let now_ms = unix_ms(self.clock.now());
+        let announce = self.listener.get().map(|l| (l, payload.clone()));
         let mut state = self.lock();
         let stream = stream_entry(&mut state, channel)?;
         let plan = plan_append(stream.top, stream.first(), options.max_len)?;
@@ -104,6 +107,10 @@ impl MemoryStore {
         stream.ttl_ms = options.ttl.map(duration_ms);
         let position = stream.position();
         state.appends += 1;
+        // Under the lock, so the listener sees one channel's offsets in order.
+        if let Some((listener, payload)) = announce {
+            listener.appended(channel.as_str(), &position, &payload);
+        }
         Ok(position)
     }
 
@@ -217,6 +224,10 @@ impl Store for MemoryStore {
 
     fn trim_expired(&self, now: SystemTime) -> BoxFuture<'_, Result<u64, StoreError>> {
         Box::pin(std::future::ready(Ok(self.trim_now(now))))
+    }
+
+    fn set_listener(&self, listener: Arc<dyn AppendListener>) -> bool {
+        self.listener.set(listener).is_ok()
     }
 
     fn stats(&self) -> StoreStats {

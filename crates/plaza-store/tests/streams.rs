@@ -7,7 +7,8 @@ use std::time::{Duration, SystemTime};
 
 use plaza_core::{ChannelName, Payload};
 use plaza_store::{
-    ManualClock, MemoryStore, RedbStore, Store, StoreError, StreamOptions, StreamPosition,
+    AppendListener, ManualClock, MemoryStore, RedbStore, Store, StoreError, StreamOptions,
+    StreamPosition,
 };
 use tempfile::TempDir;
 
@@ -78,6 +79,7 @@ for_each_store!(
     ttl_trims_by_age,
     payloads_round_trip,
     concurrent_appends_get_consecutive_offsets,
+    listener_sees_every_append_in_offset_order,
 );
 
 fn ch(name: &str) -> ChannelName {
@@ -399,6 +401,61 @@ async fn concurrent_appends_get_consecutive_offsets(f: Fixture) {
 }
 
 // ---- What only the memory store shows ----
+
+/// Records what the listener is told.
+#[derive(Default)]
+struct Recorder(std::sync::Mutex<Vec<(String, u64, String)>>);
+
+impl AppendListener for Recorder {
+    fn appended(&self, channel: &str, position: &StreamPosition, payload: &Payload) {
+        self.0.lock().unwrap().push((
+            channel.to_owned(),
+            position.offset,
+            payload.as_str().to_owned(),
+        ));
+    }
+}
+
+/// However the appenders' tasks are scheduled, the listener sees each channel's offsets in order,
+/// each exactly once, and each before its appender's future resolves.
+async fn listener_sees_every_append_in_offset_order(f: Fixture) {
+    let recorder = Arc::new(Recorder::default());
+    assert!(f.store.set_listener(recorder.clone()));
+    assert!(!f.store.set_listener(Arc::new(Recorder::default())));
+    let mut tasks = Vec::new();
+    for i in 0..300u64 {
+        let (store, recorder) = (f.store.clone(), recorder.clone());
+        tasks.push(tokio::spawn(async move {
+            let channel = ch(if i % 2 == 0 { "even" } else { "odd" });
+            let position = store.append(&channel, n(i), unbounded()).await.unwrap();
+            // Already announced when the append resolves.
+            let seen = recorder
+                .0
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|(c, o, _)| c.as_str() == channel.as_str() && *o == position.offset);
+            assert!(
+                seen,
+                "offset {} not announced before the ack",
+                position.offset
+            );
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let seen = recorder.0.lock().unwrap().clone();
+    assert_eq!(seen.len(), 300);
+    for name in ["even", "odd"] {
+        let offsets: Vec<u64> = seen
+            .iter()
+            .filter(|(c, ..)| c == name)
+            .map(|(_, o, _)| *o)
+            .collect();
+        assert_eq!(offsets, (1..=150).collect::<Vec<u64>>(), "{name}");
+    }
+}
 
 #[tokio::test]
 async fn memory_store_restart_means_new_epochs() {
