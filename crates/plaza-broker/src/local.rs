@@ -64,6 +64,7 @@ mod tests {
             let p = Publication {
                 channel: ChannelName::parse("a", 10).unwrap(),
                 data: Payload::from_json_text(i.to_string()).unwrap(),
+                position: None,
             };
             // The future is already complete; poll it without a runtime.
             let fut = broker.publish(p);

@@ -12,6 +12,8 @@ pub enum Command {
     },
     Subscribe {
         channel: String,
+        /// The last position the client saw, to recover what it missed.
+        since: Option<Position>,
     },
     Unsubscribe {
         channel: String,
@@ -37,6 +39,14 @@ impl Command {
     }
 }
 
+/// A place in a channel's history: offsets count publications within one epoch, and the epoch
+/// changes only when the history is lost.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Position {
+    pub epoch: String,
+    pub offset: u64,
+}
+
 /// A successful answer to a [`Command`], before a protocol adapter encodes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -44,6 +54,20 @@ pub enum Outcome {
     Connected(ConnectInfo),
     /// The command was carried out and has nothing more to say.
     Done,
+    /// A publication to a channel with history was durably stored at this position.
+    Published(Position),
+    /// Subscribed to a channel with history.
+    Subscribed(SubscribeInfo),
+}
+
+/// What a subscriber learns about a channel with history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubscribeInfo {
+    /// The channel's position when the subscription started: publications after it follow.
+    pub position: Option<Position>,
+    /// Only when `since` was given: whether every publication after `since` follows this reply
+    /// (`true`), or the gap could not be filled and the client should reload its state (`false`).
+    pub recovered: Option<bool>,
 }
 
 /// What a client learns when its session opens.

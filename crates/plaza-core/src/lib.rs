@@ -15,7 +15,7 @@ pub mod payload;
 pub mod publication;
 
 pub use channel::{ChannelName, ChannelNameError};
-pub use command::{Command, ConnectInfo, Outcome};
+pub use command::{Command, ConnectInfo, Outcome, Position, SubscribeInfo};
 pub use error::{CloseCode, ErrorCode, ReplyError};
 pub use index::{ConnId, SubscriptionIndex};
 pub use limits::Limits;

@@ -18,6 +18,10 @@ pub struct Limits {
     pub max_broadcast_channels: usize,
     /// Largest backend API request body, in bytes.
     pub max_api_body_size: usize,
+    /// Most publications one recovery may replay; a larger gap answers `recovered: false`.
+    pub max_recovery_publications: usize,
+    /// Most publications one backend history request may return.
+    pub max_history_limit: usize,
 }
 
 impl Default for Limits {
@@ -29,6 +33,8 @@ impl Default for Limits {
             max_channel_length: 255,
             max_broadcast_channels: 1000,
             max_api_body_size: 1024 * 1024,
+            max_recovery_publications: 300,
+            max_history_limit: 1000,
         }
     }
 }
@@ -47,6 +53,7 @@ impl Limits {
             ("max_channel_length", self.max_channel_length, 1),
             ("max_broadcast_channels", self.max_broadcast_channels, 1),
             ("max_api_body_size", self.max_api_body_size, 64),
+            ("max_history_limit", self.max_history_limit, 1),
         ];
         for (name, value, min) in checks {
             if value < min {

@@ -17,6 +17,17 @@ pub struct NamespaceOptions {
     /// Whether connected clients may publish to channels of this namespace. The backend API may
     /// always publish.
     pub client_publish: bool,
+    /// Publications kept per channel for history and recovery; 0 turns history off. With history,
+    /// every publication gets an `(epoch, offset)` and is acknowledged only once durably stored.
+    pub history_size: u64,
+    /// Seconds a publication stays in history; 0 keeps it until `history_size` pushes it out.
+    pub history_ttl_secs: u64,
+}
+
+impl NamespaceOptions {
+    pub fn has_history(&self) -> bool {
+        self.history_size > 0
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -77,6 +88,7 @@ mod tests {
             "chat".into(),
             NamespaceOptions {
                 client_publish: true,
+                ..Default::default()
             },
         );
         assert!(!ns.resolve(&chan("news")).unwrap().client_publish);

@@ -7,7 +7,7 @@
 //! A frame that cannot be read as a request with a usable `id` gets an error whose `id` is
 //! `null`, as in JSON-RPC 2.0, and the connection stays open.
 
-use plaza_core::command::{ConnectInfo, Outcome};
+use plaza_core::command::{ConnectInfo, Outcome, Position, SubscribeInfo};
 use plaza_core::{Command, ErrorCode, Payload, Publication, ReplyError};
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -61,6 +61,14 @@ struct Params<'a> {
     data: Option<&'a RawValue>,
     #[serde(borrow)]
     name: Option<&'a RawValue>,
+    #[serde(borrow)]
+    since: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct Since {
+    epoch: String,
+    offset: u64,
 }
 
 fn bad(message: impl Into<String>) -> ReplyError {
@@ -99,6 +107,7 @@ pub fn decode(text: &str) -> Result<Request, DecodeError> {
         },
         "subscribe" => Command::Subscribe {
             channel: required_string(params.channel, "channel").map_err(with_id)?,
+            since: parse_since(params.since).map_err(with_id)?,
         },
         "unsubscribe" => Command::Unsubscribe {
             channel: required_string(params.channel, "channel").map_err(with_id)?,
@@ -140,6 +149,17 @@ fn parse_id(raw: Option<&RawValue>) -> Result<RequestId, ReplyError> {
     }
 }
 
+fn parse_since(raw: Option<&RawValue>) -> Result<Option<Position>, ReplyError> {
+    let Some(raw) = raw else { return Ok(None) };
+    let since: Since = serde_json::from_str(raw.get()).map_err(|_| {
+        bad("field 'params.since' must be {\"epoch\": string, \"offset\": integer >= 0}")
+    })?;
+    Ok(Some(Position {
+        epoch: since.epoch,
+        offset: since.offset,
+    }))
+}
+
 fn required_string(raw: Option<&RawValue>, field: &str) -> Result<String, ReplyError> {
     optional_string(raw, field)?.ok_or_else(|| bad(format!("missing field 'params.{field}'")))
 }
@@ -169,8 +189,38 @@ pub fn encode_reply(id: &RequestId, outcome: &Result<Outcome, ReplyError>) -> St
     match outcome {
         Ok(Outcome::Done) => format!("{{\"id\":{},\"result\":{{}}}}", id.as_json()),
         Ok(Outcome::Connected(info)) => encode_connected(id, info),
+        Ok(Outcome::Published(position)) => format!(
+            "{{\"id\":{},\"result\":{{{}}}}}",
+            id.as_json(),
+            position_fields(position)
+        ),
+        Ok(Outcome::Subscribed(info)) => encode_subscribed(id, info),
         Err(e) => encode_error(Some(id), e),
     }
+}
+
+/// `"epoch":"...","offset":N`, to be placed inside an object.
+fn position_fields(position: &Position) -> String {
+    format!(
+        "\"epoch\":{},\"offset\":{}",
+        json_string(&position.epoch),
+        position.offset
+    )
+}
+
+fn encode_subscribed(id: &RequestId, info: &SubscribeInfo) -> String {
+    let mut fields = Vec::with_capacity(2);
+    if let Some(position) = &info.position {
+        fields.push(position_fields(position));
+    }
+    if let Some(recovered) = info.recovered {
+        fields.push(format!("\"recovered\":{recovered}"));
+    }
+    format!(
+        "{{\"id\":{},\"result\":{{{}}}}}",
+        id.as_json(),
+        fields.join(",")
+    )
 }
 
 fn encode_connected(id: &RequestId, info: &ConnectInfo) -> String {
@@ -199,9 +249,13 @@ pub fn encode_error(id: Option<&RequestId>, error: &ReplyError) -> String {
 pub fn encode_publication(publication: &Publication) -> String {
     let channel = json_string(publication.channel.as_str());
     let data = publication.data.as_str();
-    let mut out = String::with_capacity(40 + channel.len() + data.len());
+    let mut out = String::with_capacity(80 + channel.len() + data.len());
     out.push_str("{\"push\":\"publication\",\"channel\":");
     out.push_str(&channel);
+    if let Some(position) = &publication.position {
+        out.push(',');
+        out.push_str(&position_fields(position));
+    }
     out.push_str(",\"data\":");
     out.push_str(data);
     out.push('}');
@@ -239,9 +293,29 @@ mod tests {
         assert_eq!(
             ok(r#"{"id":2,"method":"subscribe","params":{"channel":"news"}}"#).command,
             Command::Subscribe {
-                channel: "news".into()
+                channel: "news".into(),
+                since: None,
             }
         );
+        assert_eq!(
+            ok(r#"{"id":2,"method":"subscribe","params":{"channel":"n","since":{"epoch":"e1","offset":7}}}"#)
+                .command,
+            Command::Subscribe {
+                channel: "n".into(),
+                since: Some(Position { epoch: "e1".into(), offset: 7 }),
+            }
+        );
+        for bad_since in [
+            r#"5"#,
+            r#"{"epoch":"e"}"#,
+            r#"{"epoch":1,"offset":2}"#,
+            r#"{"epoch":"e","offset":-1}"#,
+        ] {
+            let text = format!(
+                r#"{{"id":3,"method":"subscribe","params":{{"channel":"n","since":{bad_since}}}}}"#
+            );
+            assert_eq!(err(&text).error.code, ErrorCode::BadRequest, "{text}");
+        }
         assert_eq!(
             ok(r#"{"id":3,"method":"unsubscribe","params":{"channel":"news"}}"#).command,
             Command::Unsubscribe {
@@ -321,10 +395,38 @@ mod tests {
         let publication = Publication {
             channel: ChannelName::parse("chat:r\"1", 255).unwrap(),
             data: Payload::from_json_text(r#"{"text":"hi"}"#).unwrap(),
+            position: None,
         };
         assert_eq!(
             encode_publication(&publication),
             r#"{"push":"publication","channel":"chat:r\"1","data":{"text":"hi"}}"#
+        );
+        let with_history = Publication {
+            position: Some(Position {
+                epoch: "ab".into(),
+                offset: 9,
+            }),
+            ..publication
+        };
+        assert_eq!(
+            encode_publication(&with_history),
+            r#"{"push":"publication","channel":"chat:r\"1","epoch":"ab","offset":9,"data":{"text":"hi"}}"#
+        );
+        let position = Position {
+            epoch: "ab".into(),
+            offset: 9,
+        };
+        assert_eq!(
+            encode_reply(&id, &Ok(Outcome::Published(position.clone()))),
+            r#"{"id":"req-1","result":{"epoch":"ab","offset":9}}"#
+        );
+        let info = SubscribeInfo {
+            position: Some(position),
+            recovered: Some(false),
+        };
+        assert_eq!(
+            encode_reply(&id, &Ok(Outcome::Subscribed(info))),
+            r#"{"id":"req-1","result":{"epoch":"ab","offset":9,"recovered":false}}"#
         );
     }
 

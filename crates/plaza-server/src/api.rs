@@ -11,7 +11,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use plaza_core::{ChannelName, ErrorCode, Payload, ReplyError};
+use plaza_core::{ChannelName, ErrorCode, NamespaceOptions, Payload, Position, ReplyError};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use subtle::ConstantTimeEq;
@@ -32,6 +32,7 @@ pub fn router(node: Arc<Node>, key: Arc<str>) -> Router {
         .route("/api/broadcast", post(broadcast))
         .route("/api/channels", get(channels))
         .route("/api/info", get(info))
+        .route("/api/history", get(history))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
     Router::new()
         .merge(api)
@@ -125,6 +126,7 @@ async fn count_requests(State(state): State<ApiState>, request: Request, next: N
         Some("/api/broadcast") => "/api/broadcast",
         Some("/api/channels") => "/api/channels",
         Some("/api/info") => "/api/info",
+        Some("/api/history") => "/api/history",
         Some("/metrics") => "/metrics",
         Some("/healthz") => "/healthz",
         _ => "other",
@@ -171,6 +173,7 @@ struct PublishBody<'a> {
     channel: String,
     #[serde(borrow)]
     data: &'a RawValue,
+    idempotency_key: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -180,16 +183,27 @@ struct BroadcastBody<'a> {
     data: &'a RawValue,
 }
 
-fn resolve(node: &Node, name: &str) -> Result<ChannelName, ApiError> {
-    node.resolve_channel(name)
-        .map(|(channel, _)| channel)
-        .map_err(ApiError::bad_request)
+fn resolve<'n>(
+    node: &'n Node,
+    name: &str,
+) -> Result<(ChannelName, &'n NamespaceOptions), ApiError> {
+    node.resolve_channel(name).map_err(ApiError::bad_request)
 }
 
-fn internal(error: ReplyError) -> ApiError {
-    ApiError {
-        status: StatusCode::INTERNAL_SERVER_ERROR,
-        error,
+/// Maps a node error: the caller's mistakes are 400, the server's are 500.
+fn node_error(error: ReplyError) -> ApiError {
+    let status = if error.code == ErrorCode::Internal {
+        StatusCode::INTERNAL_SERVER_ERROR
+    } else {
+        StatusCode::BAD_REQUEST
+    };
+    ApiError { status, error }
+}
+
+fn position_json(position: Option<&Position>) -> serde_json::Value {
+    match position {
+        Some(p) => serde_json::json!({"epoch": p.epoch, "offset": p.offset}),
+        None => serde_json::json!({}),
     }
 }
 
@@ -199,13 +213,18 @@ async fn publish(
 ) -> Result<Response, ApiError> {
     let body = read_body(body)?;
     let req: PublishBody = parse_json(&body)?;
-    let channel = resolve(&state.node, &req.channel)?;
-    state
+    let (channel, options) = resolve(&state.node, &req.channel)?;
+    let position = state
         .node
-        .publish(channel, Payload::from_raw(req.data))
+        .publish(
+            channel,
+            options,
+            Payload::from_raw(req.data),
+            req.idempotency_key.as_deref(),
+        )
         .await
-        .map_err(internal)?;
-    Ok(empty_object())
+        .map_err(node_error)?;
+    Ok(axum::Json(position_json(position.as_ref())).into_response())
 }
 
 async fn broadcast(
@@ -236,18 +255,91 @@ async fn broadcast(
         .map(|name| resolve(&state.node, name))
         .collect::<Result<Vec<_>, _>>()?;
     let data = Payload::from_raw(req.data);
-    for channel in channels {
-        state
+    let mut results = Vec::with_capacity(channels.len());
+    for (channel, options) in channels {
+        let name = channel.to_string();
+        let position = state
             .node
-            .publish(channel, data.clone())
+            .publish(channel, options, data.clone(), None)
             .await
-            .map_err(internal)?;
+            .map_err(node_error)?;
+        let mut result = position_json(position.as_ref());
+        result["channel"] = serde_json::Value::String(name);
+        results.push(result);
     }
-    Ok(empty_object())
+    Ok(axum::Json(serde_json::json!({ "results": results })).into_response())
 }
 
-fn empty_object() -> Response {
-    ([(header::CONTENT_TYPE, "application/json")], "{}").into_response()
+#[derive(Deserialize)]
+struct HistoryQuery {
+    channel: Option<String>,
+    /// Return publications after this offset (of `epoch`, if given).
+    since: Option<u64>,
+    epoch: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn history(
+    State(state): State<ApiState>,
+    query: Result<Query<HistoryQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let bad = |m: String| ApiError::new(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, m);
+    let Query(q) = query.map_err(|e| bad(format!("invalid query: {e}")))?;
+    let name = q
+        .channel
+        .ok_or_else(|| bad("missing query parameter 'channel'".into()))?;
+    let (channel, options) = resolve(&state.node, &name)?;
+    if !options.has_history() {
+        return Err(bad(format!(
+            "channel '{channel}' has no history: its namespace sets no history_size"
+        )));
+    }
+    let max = state.node.settings.limits.max_history_limit;
+    let limit = q.limit.unwrap_or(100);
+    if limit == 0 || limit > max {
+        return Err(bad(format!("limit must be 1 to {max}")));
+    }
+    let since = match (q.since, q.epoch) {
+        (None, None) => None,
+        (None, Some(_)) => return Err(bad("'epoch' needs 'since'".into())),
+        (Some(offset), Some(epoch)) => Some(Position { epoch, offset }),
+        // Without an epoch, the offset is taken in the channel's current epoch.
+        (Some(offset), None) => {
+            let top = state
+                .node
+                .history(&channel, None, 0)
+                .await
+                .map_err(node_error)?
+                .top;
+            Some(Position {
+                epoch: top.epoch,
+                offset,
+            })
+        }
+    };
+    let read = state
+        .node
+        .history(&channel, since, limit)
+        .await
+        .map_err(node_error)?;
+    let publications: Vec<serde_json::Value> = read
+        .publications
+        .iter()
+        .map(|(offset, data)| {
+            // The store re-validates what it reads back, so this parse does not fail.
+            let data: serde_json::Value =
+                serde_json::from_str(data.as_str()).unwrap_or(serde_json::Value::Null);
+            serde_json::json!({"offset": offset, "data": data})
+        })
+        .collect();
+    Ok(axum::Json(serde_json::json!({
+        "channel": channel.as_str(),
+        "epoch": read.top.epoch,
+        "offset": read.top.offset,
+        "complete": read.complete,
+        "publications": publications,
+    }))
+    .into_response())
 }
 
 #[derive(Deserialize)]

@@ -35,6 +35,8 @@ pub struct Config {
     pub connect_timeout_secs: u64,
     /// Seconds graceful shutdown waits for connections to close.
     pub shutdown_timeout_secs: u64,
+    /// Seconds a publish's `idempotency_key` is remembered.
+    pub idempotency_window_secs: u64,
     /// Per-connection read buffer of the WebSocket codec, in bytes.
     pub ws_read_buffer_size: usize,
     /// Per-connection write buffer of the WebSocket codec, in bytes.
@@ -62,6 +64,7 @@ impl Default for Config {
             ping_interval_secs: 25,
             connect_timeout_secs: 10,
             shutdown_timeout_secs: 5,
+            idempotency_window_secs: 300,
             ws_read_buffer_size: 4096,
             ws_write_buffer_size: 32 * 1024,
             tcp_send_buffer_size: None,
@@ -245,6 +248,7 @@ impl Config {
             connect_timeout: Duration::from_secs(self.connect_timeout_secs),
             ws_read_buffer_size: self.ws_read_buffer_size,
             ws_write_buffer_size: self.ws_write_buffer_size,
+            idempotency_window: Duration::from_secs(self.idempotency_window_secs),
         }
     }
 

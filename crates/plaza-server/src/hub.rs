@@ -3,20 +3,98 @@
 //!
 //! A publication is encoded once, and the same bytes go into each subscriber's queue.
 
-use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use axum::extract::ws::Utf8Bytes;
 use dashmap::DashMap;
 use plaza_broker::PublicationSink;
-use plaza_core::{CloseCode, ConnId, Publication, SubscriptionIndex};
+use plaza_core::{
+    ChannelName, CloseCode, ConnId, Payload, Position, Publication, SubscriptionIndex,
+};
 use plaza_protocol::native;
+use plaza_store::AppendListener;
 
 use crate::conn::ConnHandle;
 use crate::metrics::Metrics;
 
+/// One connection's subscription to one channel.
+pub struct Subscriber {
+    pub conn: Arc<ConnHandle>,
+    /// Highest history offset queued to this subscriber, so the seam between recovered and live
+    /// publications carries no duplicate.
+    last_offset: AtomicU64,
+    /// Set while the subscription is being set up from history: live publications wait in
+    /// `parked` until the recovered ones are queued ahead of them.
+    parking: AtomicBool,
+    parked: Mutex<Option<Vec<(u64, Utf8Bytes)>>>,
+}
+
+impl Subscriber {
+    /// A subscriber that receives live publications at once.
+    pub fn live(conn: Arc<ConnHandle>) -> Arc<Self> {
+        Arc::new(Self {
+            conn,
+            last_offset: AtomicU64::new(0),
+            parking: AtomicBool::new(false),
+            parked: Mutex::new(None),
+        })
+    }
+
+    /// A subscriber whose live publications are held back until [`Subscriber::unpark`].
+    pub fn parked(conn: Arc<ConnHandle>) -> Arc<Self> {
+        Arc::new(Self {
+            conn,
+            last_offset: AtomicU64::new(0),
+            parking: AtomicBool::new(true),
+            parked: Mutex::new(Some(Vec::new())),
+        })
+    }
+
+    /// Queues `first` (the subscribe reply, then any recovered publications), then the live
+    /// publications that arrived meanwhile with an offset above `last_offset`, then lets live
+    /// publications through. All under the parking lock, so nothing overtakes.
+    pub fn unpark(&self, first: impl IntoIterator<Item = Utf8Bytes>, last_offset: u64) -> usize {
+        let mut parked = self.parked.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut queued = 0;
+        for frame in first {
+            queued += usize::from(self.conn.push_text(frame).is_ok());
+        }
+        self.last_offset.store(last_offset, Release);
+        for (offset, frame) in parked.take().unwrap_or_default() {
+            if offset > last_offset {
+                self.last_offset.store(offset, Release);
+                queued += usize::from(self.conn.push_text(frame).is_ok());
+            }
+        }
+        self.parking.store(false, Release);
+        queued
+    }
+
+    /// Offers one publication. Returns whether it was queued now.
+    fn offer(&self, offset: Option<u64>, frame: &Utf8Bytes) -> bool {
+        if self.parking.load(Acquire) {
+            let mut parked = self.parked.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(list) = parked.as_mut() {
+                list.push((offset.unwrap_or(0), frame.clone()));
+                return false;
+            }
+        }
+        if let Some(offset) = offset {
+            // Deliveries of one channel come from one place in offset order, so a plain
+            // compare-then-store is enough.
+            if offset <= self.last_offset.load(Acquire) {
+                return false;
+            }
+            self.last_offset.store(offset, Release);
+        }
+        self.conn.push_text(frame.clone()).is_ok()
+    }
+}
+
 pub struct Hub {
-    index: SubscriptionIndex<Arc<ConnHandle>>,
+    index: SubscriptionIndex<Arc<Subscriber>>,
     connections: DashMap<ConnId, Arc<ConnHandle>>,
     pub metrics: Metrics,
 }
@@ -45,10 +123,10 @@ impl Hub {
         }
     }
 
-    /// Returns whether `conn` was newly added and whether it is the channel's first local
-    /// subscriber.
-    pub fn subscribe(&self, channel: &Arc<str>, conn: &Arc<ConnHandle>) -> bool {
-        let added = self.index.subscribe(channel, conn.id, Arc::clone(conn));
+    /// Adds a subscriber; returns `false` if its connection was already subscribed.
+    pub fn subscribe(&self, channel: &Arc<str>, subscriber: Arc<Subscriber>) -> bool {
+        let id = subscriber.conn.id;
+        let added = self.index.subscribe(channel, id, subscriber);
         if added {
             self.metrics.subscriptions.fetch_add(1, Relaxed);
         }
@@ -92,18 +170,38 @@ impl Hub {
             f(conn.value());
         }
     }
+
+    fn fan_out(&self, channel: &str, offset: Option<u64>, frame: Utf8Bytes) {
+        let mut delivered = 0u64;
+        // A refused push has already closed that connection (slow consumer) or found it closing;
+        // the writer counts the disconnect.
+        self.index.for_each_subscriber(channel, |_, subscriber| {
+            delivered += u64::from(subscriber.offer(offset, &frame));
+        });
+        self.metrics.deliveries_total.fetch_add(delivered, Relaxed);
+    }
 }
 
 impl PublicationSink for Hub {
     fn deliver(&self, publication: &Publication) {
         let frame = Utf8Bytes::from(native::encode_publication(publication));
-        let mut delivered = 0u64;
-        // A refused push has already closed that connection (slow consumer) or found it closing;
-        // the writer counts the disconnect.
-        self.index
-            .for_each_subscriber(publication.channel.as_str(), |_, conn| {
-                delivered += u64::from(conn.push_text(frame.clone()).is_ok());
-            });
-        self.metrics.deliveries_total.fetch_add(delivered, Relaxed);
+        let offset = publication.position.as_ref().map(|p| p.offset);
+        self.fan_out(publication.channel.as_str(), offset, frame);
+    }
+}
+
+/// Publications of channels with history reach subscribers from the store, in offset order.
+impl AppendListener for Hub {
+    fn appended(&self, channel: &str, position: &Position, payload: &Payload) {
+        // The store only appends to channels that passed validation, so the name parses; the
+        // length limit was checked then too.
+        let Ok(channel) = ChannelName::parse(channel, usize::MAX) else {
+            return;
+        };
+        self.deliver(&Publication {
+            channel,
+            data: payload.clone(),
+            position: Some(position.clone()),
+        });
     }
 }

@@ -1,15 +1,19 @@
-//! The node: the hub, the broker and the rules that decide what a client or the backend may do.
-//! Protocol adapters and the backend API call into it; it knows nothing of frames or HTTP.
+//! The node: the hub, the broker, the store and the rules that decide what a client or the
+//! backend may do. Protocol adapters and the backend API call into it; it knows nothing of frames
+//! or HTTP.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
+use dashmap::DashMap;
 use plaza_broker::{Broker, LocalBroker};
 use plaza_core::{
     ChannelName, ErrorCode, Limits, NamespaceError, NamespaceOptions, Namespaces, Payload,
-    Publication, ReplyError,
+    Position, Publication, ReplyError,
 };
+use plaza_store::{ReadResult, Store, StreamOptions};
+use tokio::sync::OnceCell;
 
 use crate::hub::Hub;
 
@@ -24,29 +28,46 @@ pub struct Settings {
     pub ws_read_buffer_size: usize,
     /// Bytes buffered by the writer before a write system call is forced.
     pub ws_write_buffer_size: usize,
+    /// How long a publish's idempotency key is remembered.
+    pub idempotency_window: Duration,
+}
+
+/// The first result of a publish with an idempotency key, shared with its retries.
+struct Remembered {
+    result: Arc<OnceCell<Option<Position>>>,
+    created: Instant,
 }
 
 pub struct Node {
     pub hub: Arc<Hub>,
     pub broker: Arc<dyn Broker>,
+    pub store: Arc<dyn Store>,
     pub settings: Settings,
     pub id: String,
     pub started: Instant,
     next_conn_id: AtomicU64,
+    idempotency: DashMap<(Arc<str>, Box<str>), Remembered>,
 }
 
+/// Longest accepted idempotency key, in bytes.
+pub const MAX_IDEMPOTENCY_KEY: usize = 256;
+
 impl Node {
-    /// A single node with the local broker.
-    pub fn local(settings: Settings, id: String) -> Arc<Self> {
+    /// A single node: the local broker, and `store` for history.
+    pub fn local(settings: Settings, id: String, store: Arc<dyn Store>) -> Arc<Self> {
         let hub = Arc::new(Hub::default());
         let broker = Arc::new(LocalBroker::new(hub.clone()));
+        // Publications of channels with history are delivered by the store, in offset order.
+        store.set_listener(hub.clone());
         Arc::new(Self {
             hub,
             broker,
+            store,
             settings,
             id,
             started: Instant::now(),
             next_conn_id: AtomicU64::new(1),
+            idempotency: DashMap::new(),
         })
     }
 
@@ -71,19 +92,102 @@ impl Node {
         Ok((channel, options))
     }
 
-    /// Publishes to an already validated channel.
-    pub async fn publish(&self, channel: ChannelName, data: Payload) -> Result<(), ReplyError> {
-        self.broker
-            .publish(Publication { channel, data })
+    /// Publishes to an already validated channel. With history, returns the publication's
+    /// position once it is durably stored. With an idempotency key, a retry within the window
+    /// returns the first result instead of publishing again.
+    pub async fn publish(
+        &self,
+        channel: ChannelName,
+        options: &NamespaceOptions,
+        data: Payload,
+        idempotency_key: Option<&str>,
+    ) -> Result<Option<Position>, ReplyError> {
+        let Some(key) = idempotency_key else {
+            return self.publish_once(channel, options, data).await;
+        };
+        if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY {
+            return Err(ReplyError::new(
+                ErrorCode::BadRequest,
+                format!("idempotency_key must be 1 to {MAX_IDEMPOTENCY_KEY} bytes"),
+            ));
+        }
+        let cell = {
+            let entry = self
+                .idempotency
+                .entry((Arc::clone(channel.as_arc()), key.into()))
+                .or_insert_with(|| Remembered {
+                    result: Arc::new(OnceCell::new()),
+                    created: Instant::now(),
+                });
+            Arc::clone(&entry.result)
+        };
+        // Concurrent retries wait for the first attempt; a failed attempt leaves the cell empty,
+        // so a later retry publishes.
+        cell.get_or_try_init(|| self.publish_once(channel, options, data))
             .await
-            .map_err(|e| ReplyError::new(ErrorCode::Internal, e.to_string()))?;
+            .cloned()
+    }
+
+    async fn publish_once(
+        &self,
+        channel: ChannelName,
+        options: &NamespaceOptions,
+        data: Payload,
+    ) -> Result<Option<Position>, ReplyError> {
+        let position = if options.has_history() {
+            // The store's listener (the hub) delivers it once it is durable.
+            let position = self
+                .store
+                .append(&channel, data, stream_options(options))
+                .await
+                .map_err(|e| ReplyError::new(ErrorCode::Internal, e.to_string()))?;
+            Some(position)
+        } else {
+            self.broker
+                .publish(Publication {
+                    channel,
+                    data,
+                    position: None,
+                })
+                .await
+                .map_err(|e| ReplyError::new(ErrorCode::Internal, e.to_string()))?;
+            None
+        };
         self.hub.metrics.publications_total.fetch_add(1, Relaxed);
-        Ok(())
+        Ok(position)
+    }
+
+    /// Reads a channel's history (which must have history enabled).
+    pub async fn history(
+        &self,
+        channel: &ChannelName,
+        since: Option<Position>,
+        limit: usize,
+    ) -> Result<ReadResult, ReplyError> {
+        self.store
+            .read(channel, since, limit)
+            .await
+            .map_err(|e| ReplyError::new(ErrorCode::Internal, e.to_string()))
+    }
+
+    /// Forgets idempotency keys older than the window. Called from the maintenance timer.
+    pub fn expire_idempotency_keys(&self, now: Instant) {
+        let window = self.settings.idempotency_window;
+        self.idempotency
+            .retain(|_, r| now.duration_since(r.created) < window);
     }
 
     /// Counts an error that is about to be answered.
     pub fn count(&self, error: ReplyError) -> ReplyError {
         self.hub.metrics.error(error.code);
         error
+    }
+}
+
+/// The store's bounds for a namespace.
+pub fn stream_options(options: &NamespaceOptions) -> StreamOptions {
+    StreamOptions {
+        max_len: Some(options.history_size),
+        ttl: (options.history_ttl_secs > 0).then(|| Duration::from_secs(options.history_ttl_secs)),
     }
 }

@@ -11,6 +11,7 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use axum::serve::ListenerExt as _;
 use plaza_core::CloseCode;
+use plaza_store::RedbStore;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -40,7 +41,14 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     }
 
     let node_id = backend_key::random_hex(4)?;
-    let node = Node::local(config.settings(), node_id.clone());
+    let store = RedbStore::open(&config.data_dir).await.with_context(|| {
+        format!(
+            "cannot open the store {}",
+            config.data_dir.join(RedbStore::FILE_NAME).display()
+        )
+    })?;
+    let store = Arc::new(store);
+    let node = Node::local(config.settings(), node_id.clone(), store.clone());
 
     let public = Router::new()
         .route(&config.native_path, get(ws::upgrade))
@@ -67,6 +75,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let keepalive = tokio::spawn(keepalive::run(Arc::clone(&node)));
+    let maintenance = tokio::spawn(maintenance(Arc::clone(&node)));
     let send_buffer = config.tcp_send_buffer_size;
     let public_listener = public_listener.tap_io(move |tcp| tune_socket(tcp, send_buffer));
     let public_server = tokio::spawn(
@@ -93,6 +102,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         tracing::warn!(left, "connections still open at the shutdown deadline");
     }
     keepalive.abort();
+    maintenance.abort();
     for server in [public_server, backend_server] {
         match tokio::time::timeout(Duration::from_secs(1), server).await {
             Ok(Ok(Err(e))) => tracing::warn!(error = %e, "listener ended with an error"),
@@ -100,8 +110,36 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             _ => {}
         }
     }
+    // Every acknowledged publish is already durable; closing releases the file cleanly.
+    drop(node);
+    match Arc::try_unwrap(store) {
+        Ok(store) => {
+            if let Err(e) = store.close().await {
+                tracing::warn!(error = %e, "closing the store failed");
+            }
+        }
+        Err(_) => tracing::debug!("store still referenced at exit; the OS releases it"),
+    }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// How often history is trimmed by age and old idempotency keys are forgotten.
+const MAINTENANCE_EVERY: Duration = Duration::from_secs(5);
+
+/// Background upkeep, off the publish path.
+async fn maintenance(node: Arc<Node>) {
+    let mut ticker = tokio::time::interval(MAINTENANCE_EVERY);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        node.expire_idempotency_keys(Instant::now());
+        match node.store.trim_expired(std::time::SystemTime::now()).await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(removed = n, "history trimmed by age"),
+            Err(e) => tracing::warn!(error = %e, "trimming history failed"),
+        }
+    }
 }
 
 /// Small frames must leave at once (no Nagle delay); the send buffer is bounded if configured.

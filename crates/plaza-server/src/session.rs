@@ -4,10 +4,29 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use plaza_core::{Command, ConnectInfo, ErrorCode, Outcome, ReplyError};
+use plaza_core::{
+    ChannelName, Command, ConnectInfo, ErrorCode, Outcome, Position, Publication, ReplyError,
+    SubscribeInfo,
+};
 
 use crate::conn::ConnHandle;
+use crate::hub::Subscriber;
 use crate::node::Node;
+
+/// What a command produced: the outcome to reply with and, for a subscribe to a channel with
+/// history, what must be queued with the reply.
+pub struct Handled {
+    pub outcome: Result<Outcome, ReplyError>,
+    pub recovery: Option<Recovery>,
+}
+
+/// A new history subscription: the adapter encodes the reply and `publications`, and hands them
+/// to [`Subscriber::unpark`] with `last_offset`, so they go out before any live publication.
+pub struct Recovery {
+    pub subscriber: Arc<Subscriber>,
+    pub publications: Vec<Publication>,
+    pub last_offset: u64,
+}
 
 pub struct Session {
     node: Arc<Node>,
@@ -31,8 +50,24 @@ impl Session {
     }
 
     /// Executes one command. Errors are counted in the metrics.
-    pub async fn handle(&mut self, command: Command) -> Result<Outcome, ReplyError> {
-        self.execute(command).await.map_err(|e| self.node.count(e))
+    pub async fn handle(&mut self, command: Command) -> Handled {
+        let mut recovery = None;
+        let outcome = match command {
+            Command::Subscribe { channel, since } if self.conn.is_connected() => {
+                match self.subscribe(&channel, since).await {
+                    Ok((outcome, r)) => {
+                        recovery = r;
+                        Ok(outcome)
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            other => self.execute(other).await,
+        };
+        Handled {
+            outcome: outcome.map_err(|e| self.node.count(e)),
+            recovery,
+        }
     }
 
     async fn execute(&mut self, command: Command) -> Result<Outcome, ReplyError> {
@@ -66,7 +101,10 @@ impl Session {
             _ => {}
         }
         match command {
-            Command::Subscribe { channel } => self.subscribe(&channel).await,
+            Command::Subscribe { channel, since } => self
+                .subscribe(&channel, since)
+                .await
+                .map(|(outcome, _)| outcome),
             Command::Unsubscribe { channel } => self.unsubscribe(&channel).await,
             Command::Publish { channel, data } => {
                 let (channel, options) = self.node.resolve_channel(&channel)?;
@@ -78,31 +116,70 @@ impl Session {
                         ),
                     ));
                 }
-                self.node.publish(channel, data).await?;
-                Ok(Outcome::Done)
+                let position = self.node.publish(channel, options, data, None).await?;
+                Ok(position.map_or(Outcome::Done, Outcome::Published))
             }
             Command::Ping | Command::Connect { .. } => Ok(Outcome::Done),
         }
     }
 
-    async fn subscribe(&mut self, name: &str) -> Result<Outcome, ReplyError> {
-        let (channel, _options) = self.node.resolve_channel(name)?;
+    async fn subscribe(
+        &mut self,
+        name: &str,
+        since: Option<Position>,
+    ) -> Result<(Outcome, Option<Recovery>), ReplyError> {
+        let node = Arc::clone(&self.node);
+        let (channel, options) = node.resolve_channel(name)?;
         if self.channels.contains(channel.as_str()) {
             return Err(ReplyError::new(
                 ErrorCode::AlreadySubscribed,
                 format!("already subscribed to '{channel}'"),
             ));
         }
-        let max = self.node.settings.limits.max_channels_per_connection;
+        let max = node.settings.limits.max_channels_per_connection;
         if self.channels.len() >= max {
             return Err(ReplyError::new(
                 ErrorCode::LimitExceeded,
                 format!("a connection may subscribe to at most {max} channels"),
             ));
         }
+        let history = options.has_history();
+        let subscriber = if history {
+            Subscriber::parked(Arc::clone(&self.conn))
+        } else {
+            Subscriber::live(Arc::clone(&self.conn))
+        };
+        self.join(&channel, Arc::clone(&subscriber)).await?;
+        if !history {
+            // Without history nothing can be recovered: say so when the client asked.
+            let outcome = match since {
+                None => Outcome::Done,
+                Some(_) => Outcome::Subscribed(SubscribeInfo {
+                    position: None,
+                    recovered: Some(false),
+                }),
+            };
+            return Ok((outcome, None));
+        }
+        match self.recover(&channel, since, subscriber).await {
+            Ok(result) => Ok(result),
+            Err(e) => {
+                self.channels.remove(channel.as_str());
+                self.leave(channel.as_arc()).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Adds this connection to the channel in the hub (and the broker, for the first one).
+    async fn join(
+        &mut self,
+        channel: &ChannelName,
+        subscriber: Arc<Subscriber>,
+    ) -> Result<(), ReplyError> {
         let key = Arc::clone(channel.as_arc());
         let hub = &self.node.hub;
-        hub.subscribe(&key, &self.conn);
+        hub.subscribe(&key, subscriber);
         self.channels.insert(Arc::clone(&key));
         if hub.subscriber_count(&key) == 1 {
             // The broker hears only of a channel's first local subscriber, so it keeps one
@@ -113,7 +190,51 @@ impl Session {
                 return Err(ReplyError::new(ErrorCode::Internal, e.to_string()));
             }
         }
-        Ok(Outcome::Done)
+        Ok(())
+    }
+
+    /// Reads what a new history subscriber must get before live publications: nothing but the
+    /// current position, or (with `since`) every publication after it, or `recovered: false`.
+    async fn recover(
+        &self,
+        channel: &ChannelName,
+        since: Option<Position>,
+        subscriber: Arc<Subscriber>,
+    ) -> Result<(Outcome, Option<Recovery>), ReplyError> {
+        let asked = since.is_some();
+        let limit = if asked {
+            self.node.settings.limits.max_recovery_publications
+        } else {
+            0
+        };
+        let read = self.node.history(channel, since, limit).await?;
+        let recovered = asked.then_some(read.complete);
+        let publications = if read.complete {
+            read.publications
+                .into_iter()
+                .map(|(offset, data)| Publication {
+                    channel: channel.clone(),
+                    data,
+                    position: Some(Position {
+                        epoch: read.top.epoch.clone(),
+                        offset,
+                    }),
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let last_offset = read.top.offset;
+        let outcome = Outcome::Subscribed(SubscribeInfo {
+            position: Some(read.top),
+            recovered,
+        });
+        let recovery = Recovery {
+            subscriber,
+            publications,
+            last_offset,
+        };
+        Ok((outcome, Some(recovery)))
     }
 
     async fn unsubscribe(&mut self, name: &str) -> Result<Outcome, ReplyError> {

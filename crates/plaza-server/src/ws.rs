@@ -89,15 +89,34 @@ async fn read_loop(
                 metrics
                     .bytes_received_total
                     .fetch_add(text.len() as u64, Relaxed);
-                let reply = match native::decode(text.as_str()) {
+                let (reply, recovery) = match native::decode(text.as_str()) {
                     Ok(request) => {
-                        let outcome = session.handle(request.command).await;
-                        native::encode_reply(&request.id, &outcome)
+                        let handled = session.handle(request.command).await;
+                        let reply = native::encode_reply(&request.id, &handled.outcome);
+                        (reply, handled.recovery)
                     }
-                    Err(e) => native::encode_error(e.id.as_ref(), &node.count(e.error)),
+                    Err(e) => (
+                        native::encode_error(e.id.as_ref(), &node.count(e.error)),
+                        None,
+                    ),
                 };
-                // A refused reply means the connection is closing; the writer ends it.
-                let _ = conn.push_text(Utf8Bytes::from(reply));
+                let reply = Utf8Bytes::from(reply);
+                match recovery {
+                    // A refused reply means the connection is closing; the writer ends it.
+                    None => drop(conn.push_text(reply)),
+                    Some(r) => {
+                        let missed = r
+                            .publications
+                            .iter()
+                            .map(|p| Utf8Bytes::from(native::encode_publication(p)));
+                        let queued = r
+                            .subscriber
+                            .unpark(std::iter::once(reply).chain(missed), r.last_offset);
+                        metrics
+                            .deliveries_total
+                            .fetch_add(queued.saturating_sub(1) as u64, Relaxed);
+                    }
+                }
             }
             Message::Binary(data) => {
                 metrics

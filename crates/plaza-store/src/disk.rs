@@ -39,8 +39,8 @@ use tokio::task::JoinHandle;
 use crate::clock::{duration_ms, unix_ms};
 use crate::stream::{self, expired, plan_append, plan_read};
 use crate::{
-    AppendListener, BoxFuture, Clock, ReadResult, Store, StoreError, StoreStats, StreamOptions,
-    StreamPosition, SystemClock,
+    AppendListener, BoxFuture, Clock, Position, ReadResult, Store, StoreError, StoreStats,
+    StreamOptions, SystemClock,
 };
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("stream_meta");
@@ -83,12 +83,12 @@ enum Request {
         channel: Arc<str>,
         payload: Payload,
         options: StreamOptions,
-        reply: oneshot::Sender<Result<StreamPosition, StoreError>>,
+        reply: oneshot::Sender<Result<Position, StoreError>>,
     },
     /// Create the stream if it does not exist (a read found none), answer its top.
     Create {
         channel: Arc<str>,
-        reply: oneshot::Sender<Result<StreamPosition, StoreError>>,
+        reply: oneshot::Sender<Result<Position, StoreError>>,
     },
     TrimExpired {
         now_ms: u64,
@@ -211,7 +211,7 @@ impl Store for RedbStore {
         channel: &ChannelName,
         payload: Payload,
         options: StreamOptions,
-    ) -> BoxFuture<'_, Result<StreamPosition, StoreError>> {
+    ) -> BoxFuture<'_, Result<Position, StoreError>> {
         let channel = channel.as_arc().clone();
         Box::pin(self.write(move |reply| Request::Append {
             channel,
@@ -224,7 +224,7 @@ impl Store for RedbStore {
     fn read(
         &self,
         channel: &ChannelName,
-        since: Option<StreamPosition>,
+        since: Option<Position>,
         limit: usize,
     ) -> BoxFuture<'_, Result<ReadResult, StoreError>> {
         let channel = channel.as_arc().clone();
@@ -250,10 +250,7 @@ impl Store for RedbStore {
         })
     }
 
-    fn top(
-        &self,
-        channel: &ChannelName,
-    ) -> BoxFuture<'_, Result<Option<StreamPosition>, StoreError>> {
+    fn top(&self, channel: &ChannelName) -> BoxFuture<'_, Result<Option<Position>, StoreError>> {
         let channel = channel.as_arc().clone();
         Box::pin(self.blocking(move |db| {
             let txn = db.begin_read()?;
@@ -311,8 +308,8 @@ async fn run_writer(
 /// An answer computed in the transaction, sent only after it commits.
 enum Reply {
     Position(
-        oneshot::Sender<Result<StreamPosition, StoreError>>,
-        Result<StreamPosition, StoreError>,
+        oneshot::Sender<Result<Position, StoreError>>,
+        Result<Position, StoreError>,
         /* the appended publication, for an append */ Option<(Arc<str>, Payload)>,
     ),
     Count(
@@ -515,7 +512,7 @@ impl Tables<'_> {
         payload: &Payload,
         options: StreamOptions,
         now_ms: u64,
-    ) -> Nested<StreamPosition> {
+    ) -> Nested<Position> {
         let mut meta = match self.load(channel)? {
             Ok(Some(meta)) => meta,
             Ok(None) => match self.new_stream()? {
@@ -547,7 +544,7 @@ impl Tables<'_> {
     }
 
     /// The stream's top, creating the stream first if needed; also says whether it was created.
-    fn create(&mut self, channel: &str) -> Nested<(StreamPosition, bool)> {
+    fn create(&mut self, channel: &str) -> Nested<(Position, bool)> {
         match self.load(channel)? {
             Ok(Some(meta)) => Ok(Ok((meta.position(), false))),
             Ok(None) => match self.new_stream()? {
@@ -635,7 +632,7 @@ impl Tables<'_> {
 fn read_stream(
     db: &Database,
     channel: &str,
-    since: Option<&StreamPosition>,
+    since: Option<&Position>,
     limit: usize,
 ) -> Result<Option<ReadResult>, StoreError> {
     let txn = db.begin_read()?;
@@ -753,8 +750,8 @@ impl Meta {
         })
     }
 
-    fn position(&self) -> StreamPosition {
-        StreamPosition {
+    fn position(&self) -> Position {
+        Position {
             epoch: self.epoch.clone(),
             offset: self.top,
         }

@@ -26,6 +26,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+/// Where a publication sits in its channel's stream (offsets compare only within one epoch).
+pub use plaza_core::Position;
 use plaza_core::{ChannelName, Payload};
 
 mod clock;
@@ -39,19 +41,6 @@ pub use memory::MemoryStore;
 
 /// A boxed future, so stores can be used as `dyn Store` (async trait methods are not object-safe).
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
-
-/// Where a publication sits in its channel's stream.
-///
-/// Offsets are only comparable within one epoch: when a stream is lost and recreated, its offsets
-/// start again at 1 under a new epoch.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct StreamPosition {
-    /// Random text chosen when the stream was created. Stored with the stream, so it survives a
-    /// restart of a durable store.
-    pub epoch: String,
-    /// 1 for the first publication, +1 for each one after it; 0 for a stream that has none yet.
-    pub offset: u64,
-}
 
 /// How long a stream is kept. Given with every append, so a namespace's configuration can change
 /// without a migration: the latest append's options win.
@@ -71,7 +60,7 @@ pub struct ReadResult {
     /// `(offset, data)` in increasing, consecutive offset order.
     pub publications: Vec<(u64, Payload)>,
     /// The stream's latest position when it was read. A subscriber continues from here.
-    pub top: StreamPosition,
+    pub top: Position,
     /// `true` when `publications` is everything that was asked for: with `since`, every
     /// publication after it up to `top`; without `since`, every publication still kept.
     ///
@@ -132,7 +121,7 @@ impl From<std::io::Error> for StoreError {
 /// get offsets in order. Called with the store's write path held, so it must not block and must
 /// not call back into the store.
 pub trait AppendListener: Send + Sync + 'static {
-    fn appended(&self, channel: &str, position: &StreamPosition, payload: &Payload);
+    fn appended(&self, channel: &str, position: &Position, payload: &Payload);
 }
 
 /// Durable storage for channel streams.
@@ -154,7 +143,7 @@ pub trait Store: Send + Sync + 'static {
         channel: &ChannelName,
         payload: Payload,
         options: StreamOptions,
-    ) -> BoxFuture<'_, Result<StreamPosition, StoreError>>;
+    ) -> BoxFuture<'_, Result<Position, StoreError>>;
 
     /// Reads up to `limit` publications: those after `since` (oldest first), or without `since`
     /// the latest ones still kept. See [`ReadResult::complete`] for when the answer is partial.
@@ -165,15 +154,12 @@ pub trait Store: Send + Sync + 'static {
     fn read(
         &self,
         channel: &ChannelName,
-        since: Option<StreamPosition>,
+        since: Option<Position>,
         limit: usize,
     ) -> BoxFuture<'_, Result<ReadResult, StoreError>>;
 
     /// The stream's latest position, or `None` if the channel has no stream. Creates nothing.
-    fn top(
-        &self,
-        channel: &ChannelName,
-    ) -> BoxFuture<'_, Result<Option<StreamPosition>, StoreError>>;
+    fn top(&self, channel: &ChannelName) -> BoxFuture<'_, Result<Option<Position>, StoreError>>;
 
     /// Drops publications older than their stream's `ttl` at time `now`, and returns how many were
     /// dropped. The server calls this from its one shared timer; time is passed in so tests

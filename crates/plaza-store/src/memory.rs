@@ -15,8 +15,8 @@ use plaza_core::{ChannelName, Payload};
 use crate::clock::{duration_ms, unix_ms};
 use crate::stream::{self, expired, plan_append, plan_read};
 use crate::{
-    AppendListener, BoxFuture, Clock, ReadResult, Store, StoreError, StoreStats, StreamOptions,
-    StreamPosition, SystemClock,
+    AppendListener, BoxFuture, Clock, Position, ReadResult, Store, StoreError, StoreStats,
+    StreamOptions, SystemClock,
 };
 
 /// An in-memory [`Store`]. Every operation completes before its future is first polled.
@@ -57,8 +57,8 @@ impl Stream {
         self.top + 1 - self.entries.len() as u64
     }
 
-    fn position(&self) -> StreamPosition {
-        StreamPosition {
+    fn position(&self) -> Position {
+        Position {
             epoch: self.epoch.clone(),
             offset: self.top,
         }
@@ -89,7 +89,7 @@ impl MemoryStore {
         channel: &ChannelName,
         payload: Payload,
         options: StreamOptions,
-    ) -> Result<StreamPosition, StoreError> {
+    ) -> Result<Position, StoreError> {
         let now_ms = unix_ms(self.clock.now());
         let announce = self.listener.get().map(|l| (l, payload.clone()));
         let mut state = self.lock();
@@ -117,7 +117,7 @@ impl MemoryStore {
     fn read_now(
         &self,
         channel: &ChannelName,
-        since: Option<&StreamPosition>,
+        since: Option<&Position>,
         limit: usize,
     ) -> Result<ReadResult, StoreError> {
         let mut state = self.lock();
@@ -191,7 +191,7 @@ impl Store for MemoryStore {
         channel: &ChannelName,
         payload: Payload,
         options: StreamOptions,
-    ) -> BoxFuture<'_, Result<StreamPosition, StoreError>> {
+    ) -> BoxFuture<'_, Result<Position, StoreError>> {
         Box::pin(std::future::ready(
             self.append_now(channel, payload, options),
         ))
@@ -200,7 +200,7 @@ impl Store for MemoryStore {
     fn read(
         &self,
         channel: &ChannelName,
-        since: Option<StreamPosition>,
+        since: Option<Position>,
         limit: usize,
     ) -> BoxFuture<'_, Result<ReadResult, StoreError>> {
         Box::pin(std::future::ready(self.read_now(
@@ -210,10 +210,7 @@ impl Store for MemoryStore {
         )))
     }
 
-    fn top(
-        &self,
-        channel: &ChannelName,
-    ) -> BoxFuture<'_, Result<Option<StreamPosition>, StoreError>> {
+    fn top(&self, channel: &ChannelName) -> BoxFuture<'_, Result<Option<Position>, StoreError>> {
         let top = self
             .lock()
             .streams

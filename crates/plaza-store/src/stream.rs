@@ -5,7 +5,7 @@
 //! semantics and the edge cases are tested once, without storage. A stream keeps the offsets
 //! `first..=top`; `first == top + 1` when it keeps none (a new stream has `top = 0, first = 1`).
 
-use crate::{StoreError, StreamPosition};
+use crate::{Position, StoreError};
 
 /// Which stored offsets answer a read, and whether that answer is complete.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,7 +29,7 @@ pub(crate) fn plan_read(
     epoch: &str,
     top: u64,
     first: u64,
-    since: Option<&StreamPosition>,
+    since: Option<&Position>,
     limit: usize,
 ) -> ReadPlan {
     let limit = u64::try_from(limit).unwrap_or(u64::MAX);
@@ -130,8 +130,8 @@ pub(crate) fn new_epoch() -> Result<String, StoreError> {
 mod tests {
     use super::*;
 
-    fn pos(epoch: &str, offset: u64) -> StreamPosition {
-        StreamPosition {
+    fn pos(epoch: &str, offset: u64) -> Position {
+        Position {
             epoch: epoch.into(),
             offset,
         }

@@ -7,8 +7,7 @@ use std::time::{Duration, SystemTime};
 
 use plaza_core::{ChannelName, Payload};
 use plaza_store::{
-    AppendListener, ManualClock, MemoryStore, RedbStore, Store, StoreError, StreamOptions,
-    StreamPosition,
+    AppendListener, ManualClock, MemoryStore, Position, RedbStore, Store, StoreError, StreamOptions,
 };
 use tempfile::TempDir;
 
@@ -98,8 +97,8 @@ fn unbounded() -> StreamOptions {
     StreamOptions::default()
 }
 
-fn at(epoch: &str, offset: u64) -> Option<StreamPosition> {
-    Some(StreamPosition {
+fn at(epoch: &str, offset: u64) -> Option<Position> {
+    Some(Position {
         epoch: epoch.to_owned(),
         offset,
     })
@@ -407,7 +406,7 @@ async fn concurrent_appends_get_consecutive_offsets(f: Fixture) {
 struct Recorder(std::sync::Mutex<Vec<(String, u64, String)>>);
 
 impl AppendListener for Recorder {
-    fn appended(&self, channel: &str, position: &StreamPosition, payload: &Payload) {
+    fn appended(&self, channel: &str, position: &Position, payload: &Payload) {
         self.0.lock().unwrap().push((
             channel.to_owned(),
             position.offset,
