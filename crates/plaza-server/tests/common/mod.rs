@@ -43,7 +43,12 @@ pub fn temp_dir() -> PathBuf {
 impl Server {
     /// Starts `plaza serve` with `config` as its TOML file plus `args`.
     pub fn start_with(config: &str, args: &[&str]) -> Server {
-        let dir = temp_dir();
+        Server::start_in(temp_dir(), config, args)
+    }
+
+    /// Like [`Server::start_with`], in `dir` (its data directory is `dir/data`), so a test can
+    /// start a second server on the same data after the first one died.
+    pub fn start_in(dir: PathBuf, config: &str, args: &[&str]) -> Server {
         let config_path = dir.join("plaza.toml");
         std::fs::write(&config_path, config).expect("write config");
         let mut child = Command::new(env!("CARGO_BIN_EXE_plaza"))
@@ -105,6 +110,15 @@ impl Server {
         format!("ws://{}/plaza/ws", self.public)
     }
 
+    /// SIGKILL: no shutdown code runs. Returns the directory, to restart on the same data.
+    pub fn kill9(mut self) -> PathBuf {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let dir = std::mem::take(&mut self.dir);
+        std::mem::forget(self);
+        dir
+    }
+
     pub fn log(&self) -> Vec<String> {
         self.log.lock().unwrap().clone()
     }
@@ -147,7 +161,9 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if !self.dir.as_os_str().is_empty() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 
