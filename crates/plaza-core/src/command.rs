@@ -22,6 +22,14 @@ pub enum Command {
         channel: String,
         data: Payload,
     },
+    /// Who is subscribed to a channel with presence.
+    Presence {
+        channel: String,
+    },
+    /// How many connections and users are subscribed to a channel with presence.
+    PresenceStats {
+        channel: String,
+    },
     /// Application-level ping: answered with an empty result.
     Ping,
 }
@@ -34,6 +42,8 @@ impl Command {
             Command::Subscribe { .. } => "subscribe",
             Command::Unsubscribe { .. } => "unsubscribe",
             Command::Publish { .. } => "publish",
+            Command::Presence { .. } => "presence",
+            Command::PresenceStats { .. } => "presence_stats",
             Command::Ping => "ping",
         }
     }
@@ -58,6 +68,10 @@ pub enum Outcome {
     Published(Position),
     /// Subscribed to a channel with history.
     Subscribed(SubscribeInfo),
+    /// The connections present in a channel.
+    Presence(Vec<crate::presence::ClientInfo>),
+    /// Connections and distinct users present in a channel.
+    PresenceStats { clients: usize, users: usize },
 }
 
 /// What a subscriber learns about a channel with history.

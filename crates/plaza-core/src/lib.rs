@@ -12,6 +12,7 @@ pub mod index;
 pub mod limits;
 pub mod namespace;
 pub mod payload;
+pub mod presence;
 pub mod publication;
 
 pub use channel::{ChannelName, ChannelNameError};
@@ -21,4 +22,5 @@ pub use index::{ConnId, SubscriptionIndex};
 pub use limits::Limits;
 pub use namespace::{NamespaceError, NamespaceOptions, Namespaces};
 pub use payload::{Payload, PayloadError};
+pub use presence::{ChannelPresence, ClientInfo, PresenceEvent};
 pub use publication::Publication;

@@ -22,6 +22,11 @@ pub struct NamespaceOptions {
     pub history_size: u64,
     /// Seconds a publication stays in history; 0 keeps it until `history_size` pushes it out.
     pub history_ttl_secs: u64,
+    /// Whether channels keep who is subscribed (`presence` and `presence_stats` requests).
+    pub presence: bool,
+    /// Whether subscribers get `join` and `leave` pushes when users come and go. Needs
+    /// `presence`.
+    pub join_leave: bool,
 }
 
 impl NamespaceOptions {

@@ -8,7 +8,7 @@
 //! `null`, as in JSON-RPC 2.0, and the connection stays open.
 
 use plaza_core::command::{ConnectInfo, Outcome, Position, SubscribeInfo};
-use plaza_core::{Command, ErrorCode, Payload, Publication, ReplyError};
+use plaza_core::{ClientInfo, Command, ErrorCode, Payload, PresenceEvent, Publication, ReplyError};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
@@ -119,6 +119,12 @@ pub fn decode(text: &str) -> Result<Request, DecodeError> {
                 .map(Payload::from_raw)
                 .ok_or_else(|| with_id(bad("missing field 'params.data'")))?,
         },
+        "presence" => Command::Presence {
+            channel: required_string(params.channel, "channel").map_err(with_id)?,
+        },
+        "presence_stats" => Command::PresenceStats {
+            channel: required_string(params.channel, "channel").map_err(with_id)?,
+        },
         "ping" => Command::Ping,
         other => {
             return Err(with_id(ReplyError::new(
@@ -195,6 +201,18 @@ pub fn encode_reply(id: &RequestId, outcome: &Result<Outcome, ReplyError>) -> St
             position_fields(position)
         ),
         Ok(Outcome::Subscribed(info)) => encode_subscribed(id, info),
+        Ok(Outcome::Presence(clients)) => {
+            let list: Vec<String> = clients.iter().map(client_json).collect();
+            format!(
+                "{{\"id\":{},\"result\":{{\"clients\":[{}]}}}}",
+                id.as_json(),
+                list.join(",")
+            )
+        }
+        Ok(Outcome::PresenceStats { clients, users }) => format!(
+            "{{\"id\":{},\"result\":{{\"num_clients\":{clients},\"num_users\":{users}}}}}",
+            id.as_json()
+        ),
         Err(e) => encode_error(Some(id), e),
     }
 }
@@ -241,6 +259,34 @@ pub fn encode_error(id: Option<&RequestId>, error: &ReplyError) -> String {
         id.map_or("null", RequestId::as_json),
         error.code.code(),
         json_string(&error.message)
+    )
+}
+
+/// `{"user":"42","client":"7","info":...}` (`info` only when set).
+fn client_json(c: &ClientInfo) -> String {
+    let mut out = format!(
+        "{{\"user\":{},\"client\":\"{}\"",
+        json_string(&c.user),
+        c.client
+    );
+    if let Some(info) = &c.info {
+        out.push_str(",\"info\":");
+        out.push_str(info.as_str());
+    }
+    out.push('}');
+    out
+}
+
+/// Encodes a `join` or `leave` push, once per event for all the channel's other subscribers.
+pub fn encode_presence_event(channel: &str, event: &PresenceEvent) -> String {
+    let (kind, client) = match event {
+        PresenceEvent::Join(c) => ("join", c),
+        PresenceEvent::Leave(c) => ("leave", c),
+    };
+    format!(
+        "{{\"push\":\"{kind}\",\"channel\":{},\"info\":{}}}",
+        json_string(channel),
+        client_json(client)
     )
 }
 
@@ -331,6 +377,18 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(ok(r#"{"id":5,"method":"ping"}"#).command, Command::Ping);
+        assert_eq!(
+            ok(r#"{"id":6,"method":"presence","params":{"channel":"c"}}"#).command,
+            Command::Presence {
+                channel: "c".into()
+            }
+        );
+        assert_eq!(
+            ok(r#"{"id":7,"method":"presence_stats","params":{"channel":"c"}}"#).command,
+            Command::PresenceStats {
+                channel: "c".into()
+            }
+        );
     }
 
     #[test]
@@ -427,6 +485,39 @@ mod tests {
         assert_eq!(
             encode_reply(&id, &Ok(Outcome::Subscribed(info))),
             r#"{"id":"req-1","result":{"epoch":"ab","offset":9,"recovered":false}}"#
+        );
+    }
+
+    #[test]
+    fn encodes_presence() {
+        let id = ok(r#"{"id":1,"method":"ping"}"#).id;
+        let alice = ClientInfo {
+            user: "alice".into(),
+            client: 7,
+            info: Some(Payload::from_json_text(r#"{"name":"A"}"#).unwrap()),
+        };
+        let anon = ClientInfo {
+            user: String::new(),
+            client: 8,
+            info: None,
+        };
+        assert_eq!(
+            encode_reply(&id, &Ok(Outcome::Presence(vec![alice.clone(), anon]))),
+            r#"{"id":1,"result":{"clients":[{"user":"alice","client":"7","info":{"name":"A"}},{"user":"","client":"8"}]}}"#
+        );
+        assert_eq!(
+            encode_reply(
+                &id,
+                &Ok(Outcome::PresenceStats {
+                    clients: 3,
+                    users: 2
+                })
+            ),
+            r#"{"id":1,"result":{"num_clients":3,"num_users":2}}"#
+        );
+        assert_eq!(
+            encode_presence_event("room", &PresenceEvent::Leave(alice)),
+            r#"{"push":"leave","channel":"room","info":{"user":"alice","client":"7","info":{"name":"A"}}}"#
         );
     }
 

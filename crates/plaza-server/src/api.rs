@@ -33,6 +33,8 @@ pub fn router(node: Arc<Node>, key: Arc<str>) -> Router {
         .route("/api/channels", get(channels))
         .route("/api/info", get(info))
         .route("/api/history", get(history))
+        .route("/api/presence", get(presence))
+        .route("/api/presence_stats", get(presence_stats))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
     Router::new()
         .merge(api)
@@ -127,6 +129,8 @@ async fn count_requests(State(state): State<ApiState>, request: Request, next: N
         Some("/api/channels") => "/api/channels",
         Some("/api/info") => "/api/info",
         Some("/api/history") => "/api/history",
+        Some("/api/presence") => "/api/presence",
+        Some("/api/presence_stats") => "/api/presence_stats",
         Some("/metrics") => "/metrics",
         Some("/healthz") => "/healthz",
         _ => "other",
@@ -338,6 +342,68 @@ async fn history(
         "offset": read.top.offset,
         "complete": read.complete,
         "publications": publications,
+    }))
+    .into_response())
+}
+
+#[derive(Deserialize)]
+struct ChannelQuery {
+    channel: Option<String>,
+}
+
+/// The channel named by `?channel=`, which must keep presence.
+fn presence_channel(
+    node: &Node,
+    query: Result<Query<ChannelQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<(ChannelName, &NamespaceOptions), ApiError> {
+    let bad = |m: String| ApiError::new(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, m);
+    let Query(q) = query.map_err(|e| bad(format!("invalid query: {e}")))?;
+    let name = q
+        .channel
+        .ok_or_else(|| bad("missing query parameter 'channel'".into()))?;
+    let (channel, options) = resolve(node, &name)?;
+    if !options.presence {
+        return Err(bad(format!(
+            "channel '{channel}' keeps no presence: its namespace does not set presence"
+        )));
+    }
+    Ok((channel, options))
+}
+
+async fn presence(
+    State(state): State<ApiState>,
+    query: Result<Query<ChannelQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let (channel, options) = presence_channel(&state.node, query)?;
+    let clients: Vec<serde_json::Value> = state
+        .node
+        .presence(options, channel.as_str())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|c| {
+            let info = c
+                .info
+                .and_then(|i| serde_json::from_str::<serde_json::Value>(i.as_str()).ok());
+            serde_json::json!({"user": c.user, "client": c.client.to_string(), "info": info})
+        })
+        .collect();
+    Ok(
+        axum::Json(serde_json::json!({"channel": channel.as_str(), "clients": clients}))
+            .into_response(),
+    )
+}
+
+async fn presence_stats(
+    State(state): State<ApiState>,
+    query: Result<Query<ChannelQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let (channel, options) = presence_channel(&state.node, query)?;
+    let (clients, users) = state
+        .node
+        .presence_stats(options, channel.as_str())
+        .unwrap_or((0, 0));
+    Ok(axum::Json(serde_json::json!({
+        "channel": channel.as_str(), "num_clients": clients, "num_users": users
     }))
     .into_response())
 }

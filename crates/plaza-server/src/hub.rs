@@ -171,6 +171,16 @@ impl Hub {
         }
     }
 
+    /// Pushes an event frame (join, leave) to every subscriber of `channel` but `except`.
+    pub fn push_event(&self, channel: &str, except: ConnId, frame: String) {
+        let frame = Utf8Bytes::from(frame);
+        self.index.for_each_subscriber(channel, |id, subscriber| {
+            if id != except {
+                let _ = subscriber.conn.push_text(frame.clone());
+            }
+        });
+    }
+
     fn fan_out(&self, channel: &str, offset: Option<u64>, frame: Utf8Bytes) {
         let mut delivered = 0u64;
         // A refused push has already closed that connection (slow consumer) or found it closing;

@@ -9,9 +9,10 @@ use std::time::{Duration, Instant};
 use dashmap::DashMap;
 use plaza_broker::{Broker, LocalBroker};
 use plaza_core::{
-    ChannelName, ErrorCode, Limits, NamespaceError, NamespaceOptions, Namespaces, Payload,
-    Position, Publication, ReplyError,
+    ChannelName, ChannelPresence, ClientInfo, ConnId, ErrorCode, Limits, NamespaceError,
+    NamespaceOptions, Namespaces, Payload, Position, PresenceEvent, Publication, ReplyError,
 };
+use plaza_protocol::native;
 use plaza_store::{ReadResult, Store, StreamOptions};
 use tokio::sync::OnceCell;
 
@@ -47,6 +48,7 @@ pub struct Node {
     pub started: Instant,
     next_conn_id: AtomicU64,
     idempotency: DashMap<(Arc<str>, Box<str>), Remembered>,
+    presence: DashMap<Arc<str>, ChannelPresence>,
 }
 
 /// Longest accepted idempotency key, in bytes.
@@ -68,6 +70,7 @@ impl Node {
             started: Instant::now(),
             next_conn_id: AtomicU64::new(1),
             idempotency: DashMap::new(),
+            presence: DashMap::new(),
         })
     }
 
@@ -175,6 +178,75 @@ impl Node {
         let window = self.settings.idempotency_window;
         self.idempotency
             .retain(|_, r| now.duration_since(r.created) < window);
+    }
+
+    /// Records a connection in a channel's presence; with `join_leave`, tells the other
+    /// subscribers when its user arrives.
+    pub fn presence_join(
+        &self,
+        channel: &Arc<str>,
+        options: &NamespaceOptions,
+        client: ClientInfo,
+    ) {
+        if !options.presence {
+            return;
+        }
+        let event = self
+            .presence
+            .entry(Arc::clone(channel))
+            .or_default()
+            .join(client);
+        if let (Some(event), true) = (event, options.join_leave) {
+            self.announce(channel, &event);
+        }
+    }
+
+    /// Removes a connection from a channel's presence; with `join_leave`, tells the remaining
+    /// subscribers when its user's last connection went.
+    pub fn presence_leave(&self, channel: &Arc<str>, options: &NamespaceOptions, client: ConnId) {
+        if !options.presence {
+            return;
+        }
+        let event = match self.presence.get_mut(channel) {
+            None => None,
+            Some(mut present) => present.leave(client),
+        };
+        self.presence.remove_if(channel, |_, p| p.is_empty());
+        if let (Some(event), true) = (event, options.join_leave) {
+            self.announce(channel, &event);
+        }
+    }
+
+    fn announce(&self, channel: &str, event: &PresenceEvent) {
+        let except = match event {
+            PresenceEvent::Join(c) | PresenceEvent::Leave(c) => c.client,
+        };
+        let frame = native::encode_presence_event(channel, event);
+        self.hub.push_event(channel, except, frame);
+    }
+
+    /// The connections present in a channel, or `None` when its namespace keeps no presence.
+    pub fn presence(&self, options: &NamespaceOptions, channel: &str) -> Option<Vec<ClientInfo>> {
+        options.presence.then(|| {
+            self.presence
+                .get(channel)
+                .map(|p| p.clients())
+                .unwrap_or_default()
+        })
+    }
+
+    /// `(connections, users)` present in a channel, or `None` without presence.
+    pub fn presence_stats(
+        &self,
+        options: &NamespaceOptions,
+        channel: &str,
+    ) -> Option<(usize, usize)> {
+        options.presence.then(|| {
+            self.presence
+                .get(channel)
+                .map(|p| p.stats())
+                .unwrap_or((0, 0))
+        })
     }
 
     /// Counts an error that is about to be answered.

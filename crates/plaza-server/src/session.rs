@@ -5,8 +5,8 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use plaza_core::{
-    ChannelName, Command, ConnectInfo, ErrorCode, Outcome, Position, Publication, ReplyError,
-    SubscribeInfo,
+    ChannelName, ClientInfo, Command, ConnectInfo, ErrorCode, NamespaceOptions, Outcome, Payload,
+    Position, Publication, ReplyError, SubscribeInfo,
 };
 
 use crate::conn::ConnHandle;
@@ -33,6 +33,10 @@ pub struct Session {
     conn: Arc<ConnHandle>,
     channels: HashSet<Arc<str>>,
     client_name: Option<String>,
+    /// The authenticated user; empty for an anonymous connection.
+    user: String,
+    /// What the token or the app attached to this connection.
+    info: Option<Payload>,
 }
 
 impl Session {
@@ -42,6 +46,8 @@ impl Session {
             conn,
             channels: HashSet::new(),
             client_name: None,
+            user: String::new(),
+            info: None,
         }
     }
 
@@ -119,6 +125,20 @@ impl Session {
                 let position = self.node.publish(channel, options, data, None).await?;
                 Ok(position.map_or(Outcome::Done, Outcome::Published))
             }
+            Command::Presence { channel } => {
+                let (channel, options) = self.subscribed(&channel)?;
+                self.node
+                    .presence(options, channel.as_str())
+                    .map(Outcome::Presence)
+                    .ok_or_else(|| no_presence(&channel))
+            }
+            Command::PresenceStats { channel } => {
+                let (channel, options) = self.subscribed(&channel)?;
+                self.node
+                    .presence_stats(options, channel.as_str())
+                    .map(|(clients, users)| Outcome::PresenceStats { clients, users })
+                    .ok_or_else(|| no_presence(&channel))
+            }
             Command::Ping | Command::Connect { .. } => Ok(Outcome::Done),
         }
     }
@@ -171,6 +191,18 @@ impl Session {
         }
     }
 
+    /// Resolves a channel this connection is subscribed to: presence is for members only.
+    fn subscribed(&self, name: &str) -> Result<(ChannelName, &NamespaceOptions), ReplyError> {
+        let (channel, options) = self.node.resolve_channel(name)?;
+        if !self.channels.contains(channel.as_str()) {
+            return Err(ReplyError::new(
+                ErrorCode::NotSubscribed,
+                format!("subscribe to '{channel}' to see its presence"),
+            ));
+        }
+        Ok((channel, options))
+    }
+
     /// Adds this connection to the channel in the hub (and the broker, for the first one).
     async fn join(
         &mut self,
@@ -189,6 +221,17 @@ impl Session {
                 self.channels.remove(&key);
                 return Err(ReplyError::new(ErrorCode::Internal, e.to_string()));
             }
+        }
+        if let Ok((_, options)) = self.node.resolve_channel(&key) {
+            self.node.presence_join(
+                &key,
+                options,
+                ClientInfo {
+                    user: self.user.clone(),
+                    client: self.conn.id,
+                    info: self.info.clone(),
+                },
+            );
         }
         Ok(())
     }
@@ -252,6 +295,9 @@ impl Session {
     async fn leave(&self, channel: &Arc<str>) {
         let hub = &self.node.hub;
         hub.unsubscribe(channel, self.conn.id);
+        if let Ok((_, options)) = self.node.resolve_channel(channel) {
+            self.node.presence_leave(channel, options, self.conn.id);
+        }
         if hub.subscriber_count(channel) == 0
             && let Err(e) = self.node.broker.unsubscribe(Arc::clone(channel)).await
         {
@@ -265,4 +311,11 @@ impl Session {
             self.leave(&channel).await;
         }
     }
+}
+
+fn no_presence(channel: &ChannelName) -> ReplyError {
+    ReplyError::new(
+        ErrorCode::PermissionDenied,
+        format!("'{channel}' keeps no presence: its namespace does not set presence"),
+    )
 }
