@@ -69,6 +69,18 @@ impl ChannelName {
         &self.full
     }
 
+    /// The users a user-limited channel is for: `dm:chat#42,57` → `["42", "57"]`. Empty when the
+    /// name has no `#` part (the channel is then for nobody under the `user` policy).
+    pub fn allowed_users(&self) -> impl Iterator<Item = &str> {
+        let local = &self.full[self.ns_len..];
+        local
+            .rfind('#')
+            .map(|i| &local[i + 1..])
+            .unwrap_or("")
+            .split(',')
+            .filter(|u| !u.is_empty())
+    }
+
     /// The namespace, or `None` for the default namespace.
     pub fn namespace(&self) -> Option<&str> {
         (self.ns_len > 0).then(|| &self.full[..self.ns_len])
@@ -122,6 +134,22 @@ mod tests {
             ChannelName::parse("chat:", 255),
             Err(ChannelNameError::EmptyChannel("chat".into()))
         );
+    }
+
+    #[test]
+    fn user_limited_names() {
+        let users = |s: &str| {
+            ChannelName::parse(s, 255)
+                .unwrap()
+                .allowed_users()
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(users("dm:chat#42,57"), ["42", "57"]);
+        assert_eq!(users("dm:a#b#42"), ["42"]);
+        assert_eq!(users("dm:chat#"), Vec::<String>::new());
+        assert_eq!(users("dm:chat"), Vec::<String>::new());
+        assert_eq!(users("x#1,,2"), ["1", "2"]);
     }
 
     #[test]

@@ -9,11 +9,17 @@ pub enum Command {
     Connect {
         /// A free-form client name for logs (`"web-1.2"`), optional.
         client_name: Option<String>,
+        /// A connection token the app signed.
+        token: Option<String>,
+        /// Anything the client wants the app to see when Plaza asks it (`connect_url`).
+        data: Option<Payload>,
     },
     Subscribe {
         channel: String,
         /// The last position the client saw, to recover what it missed.
         since: Option<Position>,
+        /// A subscription token, for namespaces whose `subscribe` policy is `token`.
+        token: Option<String>,
     },
     Unsubscribe {
         channel: String,
@@ -21,6 +27,8 @@ pub enum Command {
     Publish {
         channel: String,
         data: Payload,
+        /// A token for the channel, for namespaces whose `publish` policy is `token`.
+        token: Option<String>,
     },
     /// Who is subscribed to a channel with presence.
     Presence {
@@ -91,6 +99,10 @@ pub struct ConnectInfo {
     pub client_id: String,
     /// The server's version.
     pub version: &'static str,
+    /// The authenticated user; empty when anonymous.
+    pub user: String,
+    /// Channels the server subscribed the connection to (from its token or the app).
+    pub channels: Vec<String>,
     /// Seconds between server pings; 0 when keep-alive pings are off.
     pub ping_interval_secs: u64,
     /// Largest frame the client may send, in bytes.

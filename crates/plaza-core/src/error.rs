@@ -32,7 +32,7 @@ pub enum ErrorCode {
     LimitExceeded,
     /// Binary frames are not part of this protocol.
     BinaryNotSupported,
-    /// Missing or wrong credentials (the backend key, later tokens).
+    /// Missing or wrong credentials (the backend key, a connection token, the app said no).
     Unauthorized,
 }
 
@@ -140,21 +140,30 @@ pub enum CloseCode {
     ConnectTimeout,
     /// The server failed in a way that a new connection may not.
     InternalError,
+    /// The app could not be asked (timeout, 5xx, unreachable): try again later.
+    AppUnavailable,
     /// A WebSocket message was larger than `limits.max_frame_size`.
     MessageTooLarge,
     /// The client broke the WebSocket or Plaza protocol in a way that ends the connection.
     ProtocolViolation,
+    /// The connection could not be authenticated (bad token, denied by the app, no anonymous).
+    Unauthorized,
+    /// The app's backend disconnected this user.
+    Disconnected,
 }
 
 impl CloseCode {
-    pub const ALL: [CloseCode; 7] = [
+    pub const ALL: [CloseCode; 10] = [
         CloseCode::Shutdown,
         CloseCode::SlowConsumer,
         CloseCode::NoPong,
         CloseCode::ConnectTimeout,
         CloseCode::InternalError,
+        CloseCode::AppUnavailable,
         CloseCode::MessageTooLarge,
         CloseCode::ProtocolViolation,
+        CloseCode::Unauthorized,
+        CloseCode::Disconnected,
     ];
 
     pub fn code(self) -> u16 {
@@ -164,8 +173,11 @@ impl CloseCode {
             CloseCode::NoPong => 3002,
             CloseCode::ConnectTimeout => 3003,
             CloseCode::InternalError => 3004,
+            CloseCode::AppUnavailable => 3005,
             CloseCode::MessageTooLarge => 3500,
             CloseCode::ProtocolViolation => 3501,
+            CloseCode::Unauthorized => 3502,
+            CloseCode::Disconnected => 3503,
         }
     }
 
@@ -177,8 +189,11 @@ impl CloseCode {
             CloseCode::NoPong => "no pong",
             CloseCode::ConnectTimeout => "connect timeout",
             CloseCode::InternalError => "internal error",
+            CloseCode::AppUnavailable => "app unavailable",
             CloseCode::MessageTooLarge => "message too large",
             CloseCode::ProtocolViolation => "protocol violation",
+            CloseCode::Unauthorized => "unauthorized",
+            CloseCode::Disconnected => "disconnected",
         }
     }
 

@@ -20,7 +20,7 @@ pub use command::{Command, ConnectInfo, Outcome, Position, SubscribeInfo};
 pub use error::{CloseCode, ErrorCode, ReplyError};
 pub use index::{ConnId, SubscriptionIndex};
 pub use limits::Limits;
-pub use namespace::{NamespaceError, NamespaceOptions, Namespaces};
+pub use namespace::{AccessPolicy, NamespaceError, NamespaceOptions, Namespaces};
 pub use payload::{Payload, PayloadError};
 pub use presence::{ChannelPresence, ClientInfo, PresenceEvent};
 pub use publication::Publication;

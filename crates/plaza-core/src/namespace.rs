@@ -10,7 +10,22 @@ use serde::{Deserialize, Serialize};
 
 use crate::channel::ChannelName;
 
-/// Options of one namespace. Later features (history, presence, auth policy) add fields here.
+/// Who may subscribe to (or, with `client_publish`, publish to) a namespace's channels.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessPolicy {
+    /// Every connected client.
+    #[default]
+    Public,
+    /// Only the users the channel name lists after `#`: `dm:chat#42,57` is for users 42 and 57.
+    User,
+    /// Only with a token the app signed for that channel and user.
+    Token,
+    /// Plaza asks the app (`auth.subscribe_url`) each time.
+    App,
+}
+
+/// Options of one namespace.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct NamespaceOptions {
@@ -27,6 +42,10 @@ pub struct NamespaceOptions {
     /// Whether subscribers get `join` and `leave` pushes when users come and go. Needs
     /// `presence`.
     pub join_leave: bool,
+    /// Who may subscribe.
+    pub subscribe: AccessPolicy,
+    /// Who may publish, when `client_publish` is on.
+    pub publish: AccessPolicy,
 }
 
 impl NamespaceOptions {

@@ -63,6 +63,8 @@ struct Params<'a> {
     name: Option<&'a RawValue>,
     #[serde(borrow)]
     since: Option<&'a RawValue>,
+    #[serde(borrow)]
+    token: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -104,10 +106,13 @@ pub fn decode(text: &str) -> Result<Request, DecodeError> {
     let command = match method.as_str() {
         "connect" => Command::Connect {
             client_name: optional_string(params.name, "name").map_err(with_id)?,
+            token: optional_string(params.token, "token").map_err(with_id)?,
+            data: params.data.map(Payload::from_raw),
         },
         "subscribe" => Command::Subscribe {
             channel: required_string(params.channel, "channel").map_err(with_id)?,
             since: parse_since(params.since).map_err(with_id)?,
+            token: optional_string(params.token, "token").map_err(with_id)?,
         },
         "unsubscribe" => Command::Unsubscribe {
             channel: required_string(params.channel, "channel").map_err(with_id)?,
@@ -118,6 +123,7 @@ pub fn decode(text: &str) -> Result<Request, DecodeError> {
                 .data
                 .map(Payload::from_raw)
                 .ok_or_else(|| with_id(bad("missing field 'params.data'")))?,
+            token: optional_string(params.token, "token").map_err(with_id)?,
         },
         "presence" => Command::Presence {
             channel: required_string(params.channel, "channel").map_err(with_id)?,
@@ -242,10 +248,13 @@ fn encode_subscribed(id: &RequestId, info: &SubscribeInfo) -> String {
 }
 
 fn encode_connected(id: &RequestId, info: &ConnectInfo) -> String {
+    let channels: Vec<String> = info.channels.iter().map(|c| json_string(c)).collect();
     format!(
-        "{{\"id\":{},\"result\":{{\"client\":{},\"version\":{},\"protocol\":{VERSION},\"ping_interval\":{},\"max_frame_size\":{}}}}}",
+        "{{\"id\":{},\"result\":{{\"client\":{},\"user\":{},\"channels\":[{}],\"version\":{},\"protocol\":{VERSION},\"ping_interval\":{},\"max_frame_size\":{}}}}}",
         id.as_json(),
         json_string(&info.client_id),
+        json_string(&info.user),
+        channels.join(","),
         json_string(info.version),
         info.ping_interval_secs,
         info.max_frame_size,
@@ -324,23 +333,38 @@ mod tests {
 
     #[test]
     fn decodes_every_method() {
-        let r = ok(r#"{"id":1,"method":"connect","params":{"name":"web"}}"#);
+        let r = ok(
+            r#"{"id":1,"method":"connect","params":{"name":"web","token":"t.k.n","data":{"a":1}}}"#,
+        );
         assert_eq!(r.id.as_json(), "1");
         assert_eq!(
             r.command,
             Command::Connect {
-                client_name: Some("web".into())
+                client_name: Some("web".into()),
+                token: Some("t.k.n".into()),
+                data: Some(Payload::from_json_text(r#"{"a":1}"#).unwrap()),
             }
         );
         assert_eq!(
             ok(r#"{"id":"a","method":"connect"}"#).command,
-            Command::Connect { client_name: None }
+            Command::Connect {
+                client_name: None,
+                token: None,
+                data: None
+            }
+        );
+        assert_eq!(
+            err(r#"{"id":"a","method":"connect","params":{"token":5}}"#)
+                .error
+                .message,
+            "field 'params.token' must be a string"
         );
         assert_eq!(
             ok(r#"{"id":2,"method":"subscribe","params":{"channel":"news"}}"#).command,
             Command::Subscribe {
                 channel: "news".into(),
                 since: None,
+                token: None,
             }
         );
         assert_eq!(
@@ -349,6 +373,7 @@ mod tests {
             Command::Subscribe {
                 channel: "n".into(),
                 since: Some(Position { epoch: "e1".into(), offset: 7 }),
+                token: None,
             }
         );
         for bad_since in [
@@ -370,7 +395,7 @@ mod tests {
         );
         let p = ok(r#"{"id":4,"method":"publish","params":{"channel":"c","data":{"x": [1, 2]}}}"#);
         match p.command {
-            Command::Publish { channel, data } => {
+            Command::Publish { channel, data, .. } => {
                 assert_eq!(channel, "c");
                 assert_eq!(data.as_str(), r#"{"x": [1, 2]}"#);
             }
@@ -441,6 +466,8 @@ mod tests {
         );
         let info = ConnectInfo {
             client_id: "c1".into(),
+            user: "42".into(),
+            channels: vec!["a".into()],
             version: "0.1.0",
             ping_interval_secs: 25,
             max_frame_size: 65536,
@@ -450,6 +477,8 @@ mod tests {
         assert_eq!(v["result"]["client"], "c1");
         assert_eq!(v["result"]["protocol"], 1);
         assert_eq!(v["result"]["ping_interval"], 25);
+        assert_eq!(v["result"]["user"], "42");
+        assert_eq!(v["result"]["channels"], serde_json::json!(["a"]));
         let publication = Publication {
             channel: ChannelName::parse("chat:r\"1", 255).unwrap(),
             data: Payload::from_json_text(r#"{"text":"hi"}"#).unwrap(),

@@ -11,7 +11,9 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use plaza_core::{ChannelName, ErrorCode, NamespaceOptions, Payload, Position, ReplyError};
+use plaza_core::{
+    ChannelName, CloseCode, ErrorCode, NamespaceOptions, Payload, Position, ReplyError,
+};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use subtle::ConstantTimeEq;
@@ -34,6 +36,7 @@ pub fn router(node: Arc<Node>, key: Arc<str>) -> Router {
         .route("/api/info", get(info))
         .route("/api/history", get(history))
         .route("/api/presence", get(presence))
+        .route("/api/disconnect", post(disconnect))
         .route("/api/presence_stats", get(presence_stats))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
     Router::new()
@@ -130,6 +133,7 @@ async fn count_requests(State(state): State<ApiState>, request: Request, next: N
         Some("/api/info") => "/api/info",
         Some("/api/history") => "/api/history",
         Some("/api/presence") => "/api/presence",
+        Some("/api/disconnect") => "/api/disconnect",
         Some("/api/presence_stats") => "/api/presence_stats",
         Some("/metrics") => "/metrics",
         Some("/healthz") => "/healthz",
@@ -344,6 +348,34 @@ async fn history(
         "publications": publications,
     }))
     .into_response())
+}
+
+#[derive(Deserialize)]
+struct DisconnectBody {
+    user: String,
+}
+
+/// Closes every connection of a user with code 3503 (do not reconnect).
+async fn disconnect(
+    State(state): State<ApiState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = read_body(body)?;
+    let req: DisconnectBody = parse_json(&body)?;
+    if req.user.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::BadRequest,
+            "user must not be empty",
+        ));
+    }
+    let mut closed = 0u64;
+    state.node.hub.for_each_connection(|conn| {
+        if conn.is_connected() && conn.user() == req.user && conn.close(CloseCode::Disconnected) {
+            closed += 1;
+        }
+    });
+    Ok(axum::Json(serde_json::json!({ "disconnected": closed })).into_response())
 }
 
 #[derive(Deserialize)]

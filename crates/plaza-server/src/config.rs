@@ -10,9 +10,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Args;
-use plaza_core::{Limits, NamespaceOptions, Namespaces};
+use plaza_core::{AccessPolicy, Limits, NamespaceOptions, Namespaces};
 use serde::{Deserialize, Serialize};
 
+use crate::auth::AuthConfig;
 use crate::node::Settings;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -47,6 +48,8 @@ pub struct Config {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tcp_send_buffer_size: Option<usize>,
     pub limits: Limits,
+    /// Who connections are: tokens the app signs, or asking the app.
+    pub auth: AuthConfig,
     /// Options of channels without a namespace.
     pub default_namespace: NamespaceOptions,
     /// Options per namespace: `[namespaces.chat]` for `chat:...` channels.
@@ -69,6 +72,7 @@ impl Default for Config {
             ws_write_buffer_size: 32 * 1024,
             tcp_send_buffer_size: None,
             limits: Limits::default(),
+            auth: AuthConfig::default(),
             default_namespace: NamespaceOptions::default(),
             namespaces: BTreeMap::new(),
         }
@@ -225,6 +229,33 @@ impl Config {
         {
             return invalid("tcp_send_buffer_size must be between 2048 and 67108864".into());
         }
+        self.auth
+            .validate()
+            .map_err(|e| ConfigError::Invalid(format!("auth: {e}")))?;
+        let namespaces = std::iter::once(("default_namespace".to_owned(), &self.default_namespace))
+            .chain(
+                self.namespaces
+                    .iter()
+                    .map(|(n, o)| (format!("namespaces.{n}"), o)),
+            );
+        for (name, options) in namespaces {
+            for (what, policy) in [
+                ("subscribe", options.subscribe),
+                ("publish", options.publish),
+            ] {
+                if policy == AccessPolicy::Token && !self.auth.has_jwt_key() {
+                    return invalid(format!(
+                        "{name}.{what} = \"token\" needs auth.hmac_secret or auth.public_key_file"
+                    ));
+                }
+                if policy == AccessPolicy::App && self.auth.subscribe_url.is_none() {
+                    return invalid(format!("{name}.{what} = \"app\" needs auth.subscribe_url"));
+                }
+            }
+            if options.join_leave && !options.presence {
+                return invalid(format!("{name}.join_leave needs {name}.presence = true"));
+            }
+        }
         if self.ping_interval_secs > 3600 || self.connect_timeout_secs > 3600 {
             return invalid(
                 "ping_interval_secs and connect_timeout_secs must be at most 3600".into(),
@@ -258,6 +289,7 @@ impl Config {
         if shown.backend_key.is_some() {
             shown.backend_key = Some("<set, not shown>".into());
         }
+        shown.auth = shown.auth.redacted();
         toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
     }
 }

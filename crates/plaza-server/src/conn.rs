@@ -20,6 +20,8 @@ const QUIET_CLOSE: u16 = 1;
 pub enum Outgoing {
     Text(Utf8Bytes),
     Ping,
+    /// Close after everything queued before it (the reply that explains why).
+    Close(CloseCode),
 }
 
 /// The receiving half, owned by the connection's writer.
@@ -60,6 +62,10 @@ pub struct ConnHandle {
     /// Whether a ping is out and unanswered.
     ping_outstanding: AtomicBool,
     connected: AtomicBool,
+    /// Set by [`ConnHandle::close_after_queue`]: nothing more is queued.
+    draining: AtomicBool,
+    /// The authenticated user, once connected; empty for an anonymous connection.
+    user: std::sync::OnceLock<String>,
 }
 
 impl ConnHandle {
@@ -76,13 +82,15 @@ impl ConnHandle {
             alive: AtomicBool::new(true),
             ping_outstanding: AtomicBool::new(false),
             connected: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+            user: std::sync::OnceLock::new(),
         };
         (handle, Queue { rx })
     }
 
     /// Queues a text frame, enforcing the byte limit.
     pub fn push_text(&self, frame: Utf8Bytes) -> Result<(), PushError> {
-        if self.is_closing() {
+        if self.is_closing() || self.draining.load(Ordering::Acquire) {
             return Err(PushError::Closing);
         }
         let len = frame.len();
@@ -115,6 +123,21 @@ impl ConnHandle {
             self.close_requested.notify_waiters();
         }
         first
+    }
+
+    /// Closes with `code` once the frames already queued are written, so the client reads the
+    /// reply that explains the close. Later pushes are refused.
+    pub fn close_after_queue(&self, code: CloseCode) {
+        if !self.draining.swap(true, Ordering::AcqRel)
+            && self.tx.send(Outgoing::Close(code)).is_err()
+        {
+            self.close(code);
+        }
+    }
+
+    /// Whether [`ConnHandle::close_after_queue`] was called.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
     }
 
     /// Ends the connection without a close code: the peer went away or the socket failed, so
@@ -171,8 +194,14 @@ impl ConnHandle {
         true
     }
 
-    pub fn set_connected(&self) {
+    pub fn set_connected(&self, user: &str) {
+        let _ = self.user.set(user.to_owned());
         self.connected.store(true, Ordering::Release);
+    }
+
+    /// The connected user (empty if anonymous or not connected yet).
+    pub fn user(&self) -> &str {
+        self.user.get().map_or("", String::as_str)
     }
 
     pub fn is_connected(&self) -> bool {

@@ -1,6 +1,7 @@
 //! `plaza`: the server binary.
 
 mod api;
+mod auth;
 mod backend_key;
 mod config;
 mod conn;
@@ -34,6 +35,26 @@ enum Command {
         #[command(flatten)]
         overrides: Overrides,
     },
+    /// Print a connection token signed with auth.hmac_secret, for development and tests.
+    GenToken {
+        /// The user id (`sub`).
+        #[arg(long)]
+        user: String,
+        /// Seconds until it expires.
+        #[arg(long, default_value_t = 3600)]
+        ttl: u64,
+        /// A channel to subscribe on connect (repeatable).
+        #[arg(long = "channel")]
+        channels: Vec<String>,
+        /// JSON attached to the connection (shown in presence).
+        #[arg(long)]
+        info: Option<String>,
+        /// Print a subscription token for this channel instead.
+        #[arg(long)]
+        subscribe: Option<String>,
+        #[command(flatten)]
+        overrides: Overrides,
+    },
     /// Validate a configuration and print the effective result (file, then env, then flags).
     CheckConfig {
         /// The TOML file to check (or --config / PLAZA_CONFIG).
@@ -59,6 +80,30 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::GenToken {
+            user,
+            ttl,
+            channels,
+            info,
+            subscribe,
+            overrides,
+        } => match gen_token(
+            &user,
+            ttl,
+            &channels,
+            info.as_deref(),
+            subscribe.as_deref(),
+            &overrides,
+        ) {
+            Ok(token) => {
+                println!("{token}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Serve { overrides } => {
             let config = match Config::load(None, &overrides) {
                 Ok(c) => c,
@@ -86,6 +131,28 @@ fn main() -> ExitCode {
                 }
             }
         }
+    }
+}
+
+fn gen_token(
+    user: &str,
+    ttl: u64,
+    channels: &[String],
+    info: Option<&str>,
+    subscribe: Option<&str>,
+    overrides: &Overrides,
+) -> Result<String, String> {
+    let config = Config::load(None, overrides).map_err(|e| e.to_string())?;
+    let info = info
+        .map(serde_json::from_str::<serde_json::Value>)
+        .transpose()
+        .map_err(|e| format!("--info is not JSON: {e}"))?;
+    let now = auth::jwt::unix_now();
+    match subscribe {
+        Some(channel) => {
+            auth::jwt::gen_subscribe_token(&config.auth, user, channel, ttl, info.as_ref(), now)
+        }
+        None => auth::jwt::gen_token(&config.auth, user, ttl, channels, info.as_ref(), now),
     }
 }
 

@@ -16,6 +16,7 @@ use plaza_protocol::native;
 use plaza_store::{ReadResult, Store, StreamOptions};
 use tokio::sync::OnceCell;
 
+use crate::auth::Auth;
 use crate::hub::Hub;
 
 /// The settings the node enforces, taken from the configuration.
@@ -41,6 +42,7 @@ struct Remembered {
 
 pub struct Node {
     pub hub: Arc<Hub>,
+    pub auth: Auth,
     pub broker: Arc<dyn Broker>,
     pub store: Arc<dyn Store>,
     pub settings: Settings,
@@ -56,13 +58,14 @@ pub const MAX_IDEMPOTENCY_KEY: usize = 256;
 
 impl Node {
     /// A single node: the local broker, and `store` for history.
-    pub fn local(settings: Settings, id: String, store: Arc<dyn Store>) -> Arc<Self> {
+    pub fn local(settings: Settings, id: String, store: Arc<dyn Store>, auth: Auth) -> Arc<Self> {
         let hub = Arc::new(Hub::default());
         let broker = Arc::new(LocalBroker::new(hub.clone()));
         // Publications of channels with history are delivered by the store, in offset order.
         store.set_listener(hub.clone());
         Arc::new(Self {
             hub,
+            auth,
             broker,
             store,
             settings,

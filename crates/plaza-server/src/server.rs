@@ -15,6 +15,7 @@ use plaza_store::RedbStore;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::auth::Auth;
 use crate::backend_key::{self, KeySource};
 use crate::config::Config;
 use crate::node::Node;
@@ -48,7 +49,14 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         )
     })?;
     let store = Arc::new(store);
-    let node = Node::local(config.settings(), node_id.clone(), store.clone());
+    let auth = Auth::from_config(&config.auth)?;
+    if let Some(jwt) = &auth.jwt {
+        tracing::info!(algorithm = jwt.algorithm(), "connection tokens accepted");
+    }
+    if auth.anonymous {
+        tracing::info!("anonymous connections are allowed");
+    }
+    let node = Node::local(config.settings(), node_id.clone(), store.clone(), auth);
 
     let public = Router::new()
         .route(&config.native_path, get(ws::upgrade))

@@ -5,10 +5,14 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use plaza_core::{
-    ChannelName, ClientInfo, Command, ConnectInfo, ErrorCode, NamespaceOptions, Outcome, Payload,
-    Position, Publication, ReplyError, SubscribeInfo,
+    AccessPolicy, ChannelName, ClientInfo, CloseCode, Command, ConnectInfo, ErrorCode,
+    NamespaceOptions, Outcome, Payload, Position, Publication, ReplyError, SubscribeInfo,
 };
 
+use crate::auth::app::{
+    AppConnectDecision, AppConnectRequest, AppSubscribeDecision, AppSubscribeRequest, Forwarded,
+};
+use crate::auth::jwt::unix_now;
 use crate::conn::ConnHandle;
 use crate::hub::Subscriber;
 use crate::node::Node;
@@ -17,7 +21,17 @@ use crate::node::Node;
 /// history, what must be queued with the reply.
 pub struct Handled {
     pub outcome: Result<Outcome, ReplyError>,
-    pub recovery: Option<Recovery>,
+    /// New subscriptions whose first frames must be queued with the reply.
+    pub recoveries: Vec<Recovery>,
+    /// Close the connection with this code once the reply is written.
+    pub close_after: Option<CloseCode>,
+}
+
+/// Who a connection turned out to be.
+struct Identity {
+    user: String,
+    channels: Vec<String>,
+    info: Option<Payload>,
 }
 
 /// A new history subscription: the adapter encodes the reply and `publications`, and hands them
@@ -37,10 +51,16 @@ pub struct Session {
     user: String,
     /// What the token or the app attached to this connection.
     info: Option<Payload>,
+    /// The upgrade request's headers and query parameters the app wants to see.
+    forwarded: Forwarded,
+    /// Set while executing a command that must end the connection after its reply.
+    close_after: Option<CloseCode>,
+    /// Subscriptions made by the command being executed, for [`Handled::recoveries`].
+    recoveries: Vec<Recovery>,
 }
 
 impl Session {
-    pub fn new(node: Arc<Node>, conn: Arc<ConnHandle>) -> Self {
+    pub fn new(node: Arc<Node>, conn: Arc<ConnHandle>, forwarded: Forwarded) -> Self {
         Self {
             node,
             conn,
@@ -48,6 +68,9 @@ impl Session {
             client_name: None,
             user: String::new(),
             info: None,
+            forwarded,
+            close_after: None,
+            recoveries: Vec::new(),
         }
     }
 
@@ -57,22 +80,11 @@ impl Session {
 
     /// Executes one command. Errors are counted in the metrics.
     pub async fn handle(&mut self, command: Command) -> Handled {
-        let mut recovery = None;
-        let outcome = match command {
-            Command::Subscribe { channel, since } if self.conn.is_connected() => {
-                match self.subscribe(&channel, since).await {
-                    Ok((outcome, r)) => {
-                        recovery = r;
-                        Ok(outcome)
-                    }
-                    Err(e) => Err(e),
-                }
-            }
-            other => self.execute(other).await,
-        };
+        let outcome = self.execute(command).await;
         Handled {
             outcome: outcome.map_err(|e| self.node.count(e)),
-            recovery,
+            recoveries: std::mem::take(&mut self.recoveries),
+            close_after: self.close_after.take(),
         }
     }
 
@@ -80,23 +92,18 @@ impl Session {
         let connected = self.conn.is_connected();
         match command {
             Command::Ping => return Ok(Outcome::Done),
-            Command::Connect { client_name } => {
+            Command::Connect {
+                client_name,
+                token,
+                data,
+            } => {
                 if connected {
                     return Err(ReplyError::new(
                         ErrorCode::AlreadyConnected,
                         "connect was already sent on this connection",
                     ));
                 }
-                self.client_name = client_name;
-                self.conn.set_connected();
-                tracing::debug!(conn = self.conn.id, name = ?self.client_name, "client connected");
-                let settings = &self.node.settings;
-                return Ok(Outcome::Connected(ConnectInfo {
-                    client_id: self.conn.id.to_string(),
-                    version: env!("CARGO_PKG_VERSION"),
-                    ping_interval_secs: settings.ping_interval.as_secs(),
-                    max_frame_size: settings.limits.max_frame_size,
-                }));
+                return self.connect(client_name, token, data).await;
             }
             _ if !connected => {
                 return Err(ReplyError::new(
@@ -107,13 +114,19 @@ impl Session {
             _ => {}
         }
         match command {
-            Command::Subscribe { channel, since } => self
-                .subscribe(&channel, since)
-                .await
-                .map(|(outcome, _)| outcome),
+            Command::Subscribe {
+                channel,
+                since,
+                token,
+            } => self.subscribe(&channel, since, token).await,
             Command::Unsubscribe { channel } => self.unsubscribe(&channel).await,
-            Command::Publish { channel, data } => {
-                let (channel, options) = self.node.resolve_channel(&channel)?;
+            Command::Publish {
+                channel,
+                data,
+                token,
+            } => {
+                let node = Arc::clone(&self.node);
+                let (channel, options) = node.resolve_channel(&channel)?;
                 if !options.client_publish {
                     return Err(ReplyError::new(
                         ErrorCode::PermissionDenied,
@@ -122,6 +135,8 @@ impl Session {
                         ),
                     ));
                 }
+                self.check_access(options.publish, &channel, token.as_deref(), "publish")
+                    .await?;
                 let position = self.node.publish(channel, options, data, None).await?;
                 Ok(position.map_or(Outcome::Done, Outcome::Published))
             }
@@ -147,16 +162,29 @@ impl Session {
         &mut self,
         name: &str,
         since: Option<Position>,
-    ) -> Result<(Outcome, Option<Recovery>), ReplyError> {
+        token: Option<String>,
+    ) -> Result<Outcome, ReplyError> {
         let node = Arc::clone(&self.node);
         let (channel, options) = node.resolve_channel(name)?;
+        self.check_access(options.subscribe, &channel, token.as_deref(), "subscribe")
+            .await?;
+        self.add_subscription(channel, options, since).await
+    }
+
+    /// Subscribes after access was granted (by policy, or by the token or app at connect).
+    async fn add_subscription(
+        &mut self,
+        channel: ChannelName,
+        options: &NamespaceOptions,
+        since: Option<Position>,
+    ) -> Result<Outcome, ReplyError> {
         if self.channels.contains(channel.as_str()) {
             return Err(ReplyError::new(
                 ErrorCode::AlreadySubscribed,
                 format!("already subscribed to '{channel}'"),
             ));
         }
-        let max = node.settings.limits.max_channels_per_connection;
+        let max = self.node.settings.limits.max_channels_per_connection;
         if self.channels.len() >= max {
             return Err(ReplyError::new(
                 ErrorCode::LimitExceeded,
@@ -179,14 +207,207 @@ impl Session {
                     recovered: Some(false),
                 }),
             };
-            return Ok((outcome, None));
+            return Ok(outcome);
         }
         match self.recover(&channel, since, subscriber).await {
-            Ok(result) => Ok(result),
+            Ok((outcome, recovery)) => {
+                self.recoveries.push(recovery);
+                Ok(outcome)
+            }
             Err(e) => {
                 self.channels.remove(channel.as_str());
                 self.leave(channel.as_arc()).await;
                 Err(e)
+            }
+        }
+    }
+
+    async fn connect(
+        &mut self,
+        client_name: Option<String>,
+        token: Option<String>,
+        data: Option<Payload>,
+    ) -> Result<Outcome, ReplyError> {
+        let identity = match self.authenticate(token, data).await {
+            Ok(identity) => identity,
+            Err((error, close)) => {
+                tracing::debug!(conn = self.conn.id, error = %error, "connect refused");
+                self.close_after = Some(close);
+                return Err(error);
+            }
+        };
+        self.client_name = client_name;
+        self.user = identity.user;
+        self.info = identity.info;
+        self.conn.set_connected(&self.user);
+        tracing::debug!(conn = self.conn.id, user = %self.user, name = ?self.client_name, "client connected");
+
+        // Channels granted by the token or the app: subscribed without a policy check.
+        let node = Arc::clone(&self.node);
+        let mut subscribed = Vec::new();
+        for name in identity.channels {
+            let result = match node.resolve_channel(&name) {
+                Ok((channel, options)) => self.add_subscription(channel, options, None).await,
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(_) => subscribed.push(name),
+                Err(e) => {
+                    tracing::warn!(conn = self.conn.id, channel = %name, error = %e, "channel granted at connect not subscribed")
+                }
+            }
+        }
+        let settings = &self.node.settings;
+        Ok(Outcome::Connected(ConnectInfo {
+            client_id: self.conn.id.to_string(),
+            user: self.user.clone(),
+            channels: subscribed,
+            version: env!("CARGO_PKG_VERSION"),
+            ping_interval_secs: settings.ping_interval.as_secs(),
+            max_frame_size: settings.limits.max_frame_size,
+        }))
+    }
+
+    /// A token if there is one, else the app if it is configured, else anonymous if allowed.
+    /// A refusal comes with the close code that follows the error reply.
+    async fn authenticate(
+        &self,
+        token: Option<String>,
+        data: Option<Payload>,
+    ) -> Result<Identity, (ReplyError, CloseCode)> {
+        let unauthorized = |m: String| {
+            (
+                ReplyError::new(ErrorCode::Unauthorized, m),
+                CloseCode::Unauthorized,
+            )
+        };
+        let auth = &self.node.auth;
+        if let Some(token) = token {
+            let Some(jwt) = &auth.jwt else {
+                return Err(unauthorized(
+                    "this server accepts no connection tokens".into(),
+                ));
+            };
+            let claims = jwt
+                .verify_connect(&token, unix_now())
+                .map_err(|e| unauthorized(e.to_string()))?;
+            return Ok(Identity {
+                user: claims.user,
+                channels: claims.channels,
+                info: claims.info.as_ref().and_then(to_payload),
+            });
+        }
+        if let Some(app) = auth.app.as_ref().filter(|a| a.has_connect()) {
+            let client = self.conn.id.to_string();
+            let raw = data.as_ref().and_then(raw_json);
+            let request = AppConnectRequest {
+                client: &client,
+                protocol: "native",
+                forwarded: &self.forwarded,
+                data: raw,
+            };
+            return match app.connect(request).await {
+                Ok(AppConnectDecision::Allow {
+                    user,
+                    channels,
+                    info,
+                }) => Ok(Identity {
+                    user,
+                    channels,
+                    info: info.as_ref().and_then(to_payload),
+                }),
+                Ok(AppConnectDecision::Deny { reason }) => Err(unauthorized(format!(
+                    "the app refused the connection: {reason}"
+                ))),
+                Err(e) => {
+                    tracing::warn!(conn = self.conn.id, error = %e, "connect: the app gave no decision");
+                    Err((
+                        ReplyError::new(
+                            ErrorCode::Internal,
+                            "the app could not be asked; reconnect later",
+                        ),
+                        CloseCode::AppUnavailable,
+                    ))
+                }
+            };
+        }
+        if auth.anonymous {
+            return Ok(Identity {
+                user: String::new(),
+                channels: Vec::new(),
+                info: None,
+            });
+        }
+        Err(unauthorized(
+            "anonymous connections are not allowed: connect with a token".into(),
+        ))
+    }
+
+    /// Applies a namespace's access policy to this connection and `channel`.
+    async fn check_access(
+        &self,
+        policy: AccessPolicy,
+        channel: &ChannelName,
+        token: Option<&str>,
+        action: &str,
+    ) -> Result<(), ReplyError> {
+        let denied = |m: String| ReplyError::new(ErrorCode::PermissionDenied, m);
+        match policy {
+            AccessPolicy::Public => Ok(()),
+            AccessPolicy::User => {
+                if !self.user.is_empty() && channel.allowed_users().any(|u| u == self.user) {
+                    Ok(())
+                } else {
+                    Err(denied(format!(
+                        "'{channel}' is only for the users named after its '#'"
+                    )))
+                }
+            }
+            AccessPolicy::Token => {
+                let token = token.ok_or_else(|| {
+                    denied(format!(
+                        "{action} to '{channel}' needs a token for that channel"
+                    ))
+                })?;
+                let jwt = self
+                    .node
+                    .auth
+                    .jwt
+                    .as_ref()
+                    .ok_or_else(|| denied("this server has no token key configured".into()))?;
+                jwt.verify_subscribe(token, channel.as_str(), &self.user, unix_now())
+                    .map(|_| ())
+                    .map_err(|e| denied(format!("token refused: {e}")))
+            }
+            AccessPolicy::App => {
+                let app = self
+                    .node
+                    .auth
+                    .app
+                    .as_ref()
+                    .filter(|a| a.has_subscribe())
+                    .ok_or_else(|| denied("auth.subscribe_url is not configured".into()))?;
+                let client = self.conn.id.to_string();
+                let request = AppSubscribeRequest {
+                    client: &client,
+                    user: &self.user,
+                    channel: channel.as_str(),
+                    forwarded: &self.forwarded,
+                    data: None,
+                };
+                match app.subscribe(request).await {
+                    Ok(AppSubscribeDecision::Allow { .. }) => Ok(()),
+                    Ok(AppSubscribeDecision::Deny { reason }) => {
+                        Err(denied(format!("the app refused: {reason}")))
+                    }
+                    Err(e) => {
+                        tracing::warn!(conn = self.conn.id, error = %e, "{action}: the app gave no decision");
+                        Err(ReplyError::new(
+                            ErrorCode::Internal,
+                            "the app could not be asked; retry later",
+                        ))
+                    }
+                }
             }
         }
     }
@@ -243,7 +464,7 @@ impl Session {
         channel: &ChannelName,
         since: Option<Position>,
         subscriber: Arc<Subscriber>,
-    ) -> Result<(Outcome, Option<Recovery>), ReplyError> {
+    ) -> Result<(Outcome, Recovery), ReplyError> {
         let asked = since.is_some();
         let limit = if asked {
             self.node.settings.limits.max_recovery_publications
@@ -277,7 +498,7 @@ impl Session {
             publications,
             last_offset,
         };
-        Ok((outcome, Some(recovery)))
+        Ok((outcome, recovery))
     }
 
     async fn unsubscribe(&mut self, name: &str) -> Result<Outcome, ReplyError> {
@@ -318,4 +539,12 @@ fn no_presence(channel: &ChannelName) -> ReplyError {
         ErrorCode::PermissionDenied,
         format!("'{channel}' keeps no presence: its namespace does not set presence"),
     )
+}
+
+fn to_payload(value: &serde_json::Value) -> Option<Payload> {
+    Payload::from_json_text(value.to_string()).ok()
+}
+
+fn raw_json(payload: &Payload) -> Option<&serde_json::value::RawValue> {
+    serde_json::from_str(payload.as_str()).ok()
 }

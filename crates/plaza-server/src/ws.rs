@@ -9,14 +9,16 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
-use axum::extract::State;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::{RawQuery, State};
+use axum::http::HeaderMap;
 use axum::response::Response;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use plaza_core::{CloseCode, ErrorCode, ReplyError};
 use plaza_protocol::native;
 
+use crate::auth::app::Forwarded;
 use crate::conn::{ConnHandle, Outgoing, Queue};
 use crate::node::Node;
 use crate::session::Session;
@@ -26,17 +28,29 @@ const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Most frames fed before one flush, so one busy connection cannot monopolise its task.
 const MAX_FRAMES_PER_FLUSH: usize = 256;
 
-pub async fn upgrade(State(node): State<Arc<Node>>, ws: WebSocketUpgrade) -> Response {
+pub async fn upgrade(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+    ws: WebSocketUpgrade,
+) -> Response {
+    // The app sees the upgrade request's cookies and chosen headers when Plaza asks it later.
+    let forwarded = node
+        .auth
+        .app
+        .as_ref()
+        .map(|app| app.capture(&headers, query.as_deref()))
+        .unwrap_or_default();
     let limits = &node.settings.limits;
     ws.max_message_size(limits.max_frame_size)
         .max_frame_size(limits.max_frame_size)
         .read_buffer_size(node.settings.ws_read_buffer_size)
         .write_buffer_size(node.settings.ws_write_buffer_size)
         .on_failed_upgrade(|e| tracing::debug!(error = %e, "websocket upgrade failed"))
-        .on_upgrade(move |socket| run(node, socket))
+        .on_upgrade(move |socket| run(node, socket, forwarded))
 }
 
-async fn run(node: Arc<Node>, socket: WebSocket) {
+async fn run(node: Arc<Node>, socket: WebSocket, forwarded: Forwarded) {
     let id = node.next_conn_id();
     let (handle, queue) = ConnHandle::new(id, node.settings.limits.max_queue_bytes, Instant::now());
     let conn = Arc::new(handle);
@@ -44,7 +58,7 @@ async fn run(node: Arc<Node>, socket: WebSocket) {
     tracing::debug!(conn = id, "connection opened");
 
     let (sink, stream) = socket.split();
-    let mut session = Session::new(Arc::clone(&node), Arc::clone(&conn));
+    let mut session = Session::new(Arc::clone(&node), Arc::clone(&conn), forwarded);
     let reader = read_loop(&node, &conn, &mut session, stream);
     let writer = write_loop(&node, &conn, queue, sink);
     tokio::join!(reader, writer);
@@ -89,33 +103,40 @@ async fn read_loop(
                 metrics
                     .bytes_received_total
                     .fetch_add(text.len() as u64, Relaxed);
-                let (reply, recovery) = match native::decode(text.as_str()) {
+                let (reply, recoveries, close_after) = match native::decode(text.as_str()) {
                     Ok(request) => {
                         let handled = session.handle(request.command).await;
                         let reply = native::encode_reply(&request.id, &handled.outcome);
-                        (reply, handled.recovery)
+                        (reply, handled.recoveries, handled.close_after)
                     }
                     Err(e) => (
                         native::encode_error(e.id.as_ref(), &node.count(e.error)),
+                        Vec::new(),
                         None,
                     ),
                 };
-                let reply = Utf8Bytes::from(reply);
-                match recovery {
+                // The reply goes first: with the first new subscription's recovered
+                // publications if there is one, otherwise alone.
+                let mut reply = Some(Utf8Bytes::from(reply));
+                for r in recoveries {
+                    let missed = r
+                        .publications
+                        .iter()
+                        .map(|p| Utf8Bytes::from(native::encode_publication(p)));
+                    let queued = r
+                        .subscriber
+                        .unpark(reply.take().into_iter().chain(missed), r.last_offset);
+                    metrics
+                        .deliveries_total
+                        .fetch_add(r.publications.len().min(queued) as u64, Relaxed);
+                }
+                if let Some(reply) = reply {
                     // A refused reply means the connection is closing; the writer ends it.
-                    None => drop(conn.push_text(reply)),
-                    Some(r) => {
-                        let missed = r
-                            .publications
-                            .iter()
-                            .map(|p| Utf8Bytes::from(native::encode_publication(p)));
-                        let queued = r
-                            .subscriber
-                            .unpark(std::iter::once(reply).chain(missed), r.last_offset);
-                        metrics
-                            .deliveries_total
-                            .fetch_add(queued.saturating_sub(1) as u64, Relaxed);
-                    }
+                    let _ = conn.push_text(reply);
+                }
+                if let Some(code) = close_after {
+                    conn.close_after_queue(code);
+                    return;
                 }
             }
             Message::Binary(data) => {
@@ -133,7 +154,9 @@ async fn read_loop(
         }
     }
     // The client went away or the read side failed: let the writer finish.
-    conn.close_quietly();
+    if !conn.is_draining() {
+        conn.close_quietly();
+    }
 }
 
 /// A read error caused by the client's frames gets a close code; a dropped socket does not.
@@ -216,6 +239,12 @@ async fn write_batch(
                 Message::Text(text)
             }
             Outgoing::Ping => Message::Ping(bytes::Bytes::new()),
+            Outgoing::Close(code) => {
+                // Everything before it is fed; the write loop sends the close frame.
+                sink.flush().await?;
+                conn.close(code);
+                return Ok(());
+            }
         };
         sink.feed(message).await?;
         fed += 1;

@@ -10,9 +10,6 @@
 //!
 //! Both are configured in the `[auth]` table, [`AuthConfig`].
 
-// Wired into the server by the connection code; until then the items are only used by tests.
-#![allow(dead_code)]
-
 pub mod app;
 pub mod jwt;
 
@@ -285,6 +282,23 @@ pub(crate) fn parse_forward_header(name: &str) -> Result<HeaderName, String> {
         ));
     }
     Ok(header)
+}
+
+/// What the node uses to decide who a connection is: built once from [`AuthConfig`] at startup.
+pub struct Auth {
+    pub jwt: Option<jwt::JwtVerifier>,
+    pub app: Option<app::AppClient>,
+    pub anonymous: bool,
+}
+
+impl Auth {
+    pub fn from_config(config: &AuthConfig) -> Result<Self, AuthSetupError> {
+        Ok(Self {
+            jwt: jwt::JwtVerifier::new(config)?,
+            app: app::AppClient::new(config)?,
+            anonymous: config.allows_anonymous(),
+        })
+    }
 }
 
 #[cfg(test)]
