@@ -233,6 +233,10 @@ impl Client {
             .await
             .expect("ws connect timeout")
             .expect("ws connect");
+        Client::from_ws(ws)
+    }
+
+    pub fn from_ws(ws: Ws) -> Client {
         Client {
             ws,
             next_id: 1,
