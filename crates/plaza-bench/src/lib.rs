@@ -1,1 +1,24 @@
-//! placeholder, replaced by its owner
+//! `plaza-bench`: a load generator for Plaza and the servers it is compared with.
+//!
+//! One process, tokio, loopback only. Every phase is bounded in count and by one global deadline.
+//! Results go to stdout as one JSON line; a table and progress lines go to stderr.
+//!
+//! Layout:
+//! - [`scenario`]: what is measured (`fanout` today; `conns` and `chat` later),
+//! - [`peer`]: how subscribers talk to a server (Plaza native today; NATS WS, Socket.IO, Snorky,
+//!   High-templar later),
+//! - [`publisher`]: how publications are sent (Plaza's backend HTTP API today),
+//! - [`ws`]: a lean WebSocket client for the subscribers' hot path,
+//! - [`payload`], [`stats`], [`procfs`], [`http`], [`clock`], [`progress`]: the pieces.
+
+pub mod cli;
+pub mod clock;
+pub mod http;
+pub mod payload;
+pub mod peer;
+pub mod procfs;
+pub mod progress;
+pub mod publisher;
+pub mod scenario;
+pub mod stats;
+pub mod ws;

@@ -1,0 +1,28 @@
+//! Command line.
+
+use crate::scenario::fanout::FanoutArgs;
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "plaza-bench",
+    version,
+    about = "Load generator for Plaza: one JSON line of results on stdout, a table on stderr",
+    after_help = "Exit status: 0 for a clean run, 2 when the run finished with problems (listed in \
+                  the JSON's `problems`: loss, refusals, dropped subscribers, deadline), 1 when it \
+                  could not run."
+)]
+pub struct Cli {
+    /// Tokio worker threads of the load generator (it shares the cores with the server).
+    #[arg(long, global = true, default_value_t = 2)]
+    pub threads: usize,
+    #[command(subcommand)]
+    pub scenario: Scenario,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Scenario {
+    /// S subscribers on one channel, P publications through the backend API: deliveries/s,
+    /// latency percentiles, loss, server CPU per delivery.
+    Fanout(FanoutArgs),
+}
