@@ -148,6 +148,20 @@ async fn count_requests(State(state): State<ApiState>, request: Request, next: N
     response
 }
 
+/// A 400 with the bad-request code.
+fn invalid(message: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, message)
+}
+
+/// Resolves the required `?channel=` parameter.
+fn channel_param(
+    node: &Node,
+    name: Option<String>,
+) -> Result<(ChannelName, &NamespaceOptions), ApiError> {
+    let name = name.ok_or_else(|| invalid("missing query parameter 'channel'"))?;
+    resolve(node, &name)
+}
+
 fn read_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
     body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
@@ -167,13 +181,12 @@ fn read_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
 }
 
 fn parse_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, ApiError> {
-    let bad = |m: String| ApiError::new(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, m);
     let raw: &RawValue =
-        serde_json::from_slice(body).map_err(|e| bad(format!("invalid JSON: {e}")))?;
+        serde_json::from_slice(body).map_err(|e| invalid(format!("invalid JSON: {e}")))?;
     if !raw.get().starts_with('{') {
-        return Err(bad("the body must be a JSON object".into()));
+        return Err(invalid("the body must be a JSON object"));
     }
-    serde_json::from_str(raw.get()).map_err(|e| bad(format!("invalid request: {e}")))
+    serde_json::from_str(raw.get()).map_err(|e| invalid(format!("invalid request: {e}")))
 }
 
 #[derive(Deserialize)]
@@ -291,25 +304,21 @@ async fn history(
     State(state): State<ApiState>,
     query: Result<Query<HistoryQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let bad = |m: String| ApiError::new(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, m);
-    let Query(q) = query.map_err(|e| bad(format!("invalid query: {e}")))?;
-    let name = q
-        .channel
-        .ok_or_else(|| bad("missing query parameter 'channel'".into()))?;
-    let (channel, options) = resolve(&state.node, &name)?;
+    let Query(q) = query.map_err(|e| invalid(format!("invalid query: {e}")))?;
+    let (channel, options) = channel_param(&state.node, q.channel)?;
     if !options.has_history() {
-        return Err(bad(format!(
+        return Err(invalid(format!(
             "channel '{channel}' has no history: its namespace sets no history_size"
         )));
     }
     let max = state.node.settings.limits.max_history_limit;
     let limit = q.limit.unwrap_or(100);
     if limit == 0 || limit > max {
-        return Err(bad(format!("limit must be 1 to {max}")));
+        return Err(invalid(format!("limit must be 1 to {max}")));
     }
     let since = match (q.since, q.epoch) {
         (None, None) => None,
-        (None, Some(_)) => return Err(bad("'epoch' needs 'since'".into())),
+        (None, Some(_)) => return Err(invalid("'epoch' needs 'since'")),
         (Some(offset), Some(epoch)) => Some(Position { epoch, offset }),
         // Without an epoch, the offset is taken in the channel's current epoch.
         (Some(offset), None) => {
@@ -363,11 +372,7 @@ async fn disconnect(
     let body = read_body(body)?;
     let req: DisconnectBody = parse_json(&body)?;
     if req.user.is_empty() {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            ErrorCode::BadRequest,
-            "user must not be empty",
-        ));
+        return Err(invalid("user must not be empty"));
     }
     let mut closed = 0u64;
     state.node.hub.for_each_connection(|conn| {
@@ -388,14 +393,10 @@ fn presence_channel(
     node: &Node,
     query: Result<Query<ChannelQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<(ChannelName, &NamespaceOptions), ApiError> {
-    let bad = |m: String| ApiError::new(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, m);
-    let Query(q) = query.map_err(|e| bad(format!("invalid query: {e}")))?;
-    let name = q
-        .channel
-        .ok_or_else(|| bad("missing query parameter 'channel'".into()))?;
-    let (channel, options) = resolve(node, &name)?;
+    let Query(q) = query.map_err(|e| invalid(format!("invalid query: {e}")))?;
+    let (channel, options) = channel_param(node, q.channel)?;
     if !options.presence {
-        return Err(bad(format!(
+        return Err(invalid(format!(
             "channel '{channel}' keeps no presence: its namespace does not set presence"
         )));
     }
