@@ -290,3 +290,27 @@ async fn history_api_pages_and_refuses_bad_queries() {
         assert!(v["error"]["message"].as_str().is_some(), "{bad}: {v}");
     }
 }
+
+/// Publications older than `history_ttl_secs` are trimmed in the background; offsets go on.
+#[tokio::test]
+async fn history_is_trimmed_by_age_in_the_background() {
+    let server = Server::start("[namespaces.brief]\nhistory_size = 100\nhistory_ttl_secs = 1\n");
+    for i in 1..=3 {
+        server.publish("brief:x", json!(i)).await;
+    }
+    let (_, v) = history(&server, "channel=brief:x").await;
+    assert_eq!(v["publications"].as_array().unwrap().len(), 3);
+    // The maintenance timer runs every 5 s; allow two rounds.
+    let deadline = std::time::Instant::now() + Duration::from_secs(12);
+    loop {
+        let (_, v) = history(&server, "channel=brief:x").await;
+        if v["publications"].as_array().unwrap().is_empty() {
+            assert_eq!(v["offset"], 3, "the top offset stays: {v}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "not trimmed: {v}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let (_, body) = server.publish("brief:x", json!(4)).await;
+    assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["offset"], 4);
+}
