@@ -469,3 +469,33 @@ fn policies_that_cannot_work_are_refused_at_startup() {
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
+
+/// `publish` policies apply on top of `client_publish`.
+#[tokio::test]
+async fn publish_policies() {
+    let server = Server::start(&token_config(
+        "[namespaces.board]\nclient_publish = true\npublish = \"user\"\n",
+    ));
+    let token =
+        |user: &str| json!({"token": sign(json!({"sub": user, "exp": now() + 60}), SECRET)});
+    let (mut c42, _) = connect_with(&server, token("42")).await;
+    let (mut c7, _) = connect_with(&server, token("7")).await;
+    c7.request("subscribe", json!({"channel": "board:wall#42"}))
+        .await;
+    let r = c42
+        .request(
+            "publish",
+            json!({"channel": "board:wall#42", "data": "mine"}),
+        )
+        .await;
+    assert_eq!(r["result"], json!({}), "{r}");
+    assert_eq!(c7.next_push().await["data"], "mine");
+    let r = c7
+        .request(
+            "publish",
+            json!({"channel": "board:wall#42", "data": "not mine"}),
+        )
+        .await;
+    assert_eq!(r["error"]["code"], 107, "{r}");
+    c7.expect_silence(Duration::from_millis(200)).await;
+}
