@@ -475,11 +475,11 @@ async fn info(State(state): State<ApiState>) -> Response {
 }
 
 async fn metrics(State(state): State<ApiState>) -> Response {
-    let text = state
-        .node
+    let node = &state.node;
+    let text = node
         .hub
         .metrics
-        .render(state.node.hub.channel_count());
+        .render(node.hub.channel_count(), node.store.stats());
     (
         [(
             header::CONTENT_TYPE,

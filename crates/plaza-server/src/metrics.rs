@@ -51,8 +51,9 @@ impl Metrics {
         *map.entry((endpoint, status)).or_default() += 1;
     }
 
-    /// Prometheus text exposition format. `channels` is read from the index by the caller.
-    pub fn render(&self, channels: usize) -> String {
+    /// Prometheus text exposition format. `channels` is read from the index and `store` from the
+    /// store by the caller.
+    pub fn render(&self, channels: usize, store: plaza_store::StoreStats) -> String {
         let mut out = String::with_capacity(4096);
         let mut one = |name: &str, kind: &str, help: &str, value: u64| {
             let _ = writeln!(out, "# HELP plaza_{name} {help}");
@@ -118,6 +119,18 @@ impl Metrics {
             "counter",
             "Connections closed because their outgoing queue overflowed.",
             self.slow_consumers_total.load(Relaxed),
+        );
+        one(
+            "store_appends_total",
+            "counter",
+            "Publications durably appended to history.",
+            store.appends,
+        );
+        one(
+            "store_commits_total",
+            "counter",
+            "Durable store commits (group commit: many appends per commit under load).",
+            store.commits,
         );
         out.push_str(
             "# HELP plaza_disconnects_total Connections closed by the server, by close code.\n",

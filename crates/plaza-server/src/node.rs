@@ -140,27 +140,44 @@ impl Node {
         options: &NamespaceOptions,
         data: Payload,
     ) -> Result<Option<Position>, ReplyError> {
-        let position = if options.has_history() {
+        match self.start_publish(channel, options, data).await? {
+            Published::Now(position) => Ok(position),
+            Published::Later(durable) => durable.await.map(Some),
+        }
+    }
+
+    /// Publishes, without waiting for durability: a publication to a channel with history is
+    /// queued to the store now (so a connection's publications keep their order) and
+    /// [`Published::Later`] resolves once it is on disk. This lets one connection keep many
+    /// publishes in flight, which is what group commit needs to batch them.
+    pub async fn start_publish(
+        &self,
+        channel: ChannelName,
+        options: &NamespaceOptions,
+        data: Payload,
+    ) -> Result<Published, ReplyError> {
+        if options.has_history() {
             // The store's listener (the hub) delivers it once it is durable.
-            let position = self
-                .store
-                .append(&channel, data, stream_options(options))
-                .await
-                .map_err(|e| ReplyError::new(ErrorCode::Internal, e.to_string()))?;
-            Some(position)
-        } else {
-            self.broker
-                .publish(Publication {
-                    channel,
-                    data,
-                    position: None,
-                })
-                .await
-                .map_err(|e| ReplyError::new(ErrorCode::Internal, e.to_string()))?;
-            None
-        };
+            let durable = self.store.append(&channel, data, stream_options(options));
+            let hub = Arc::clone(&self.hub);
+            return Ok(Published::Later(Box::pin(async move {
+                let position = durable
+                    .await
+                    .map_err(|e| ReplyError::new(ErrorCode::Internal, e.to_string()))?;
+                hub.metrics.publications_total.fetch_add(1, Relaxed);
+                Ok(position)
+            })));
+        }
+        self.broker
+            .publish(Publication {
+                channel,
+                data,
+                position: None,
+            })
+            .await
+            .map_err(|e| ReplyError::new(ErrorCode::Internal, e.to_string()))?;
         self.hub.metrics.publications_total.fetch_add(1, Relaxed);
-        Ok(position)
+        Ok(Published::Now(None))
     }
 
     /// Reads a channel's history (which must have history enabled).
@@ -257,6 +274,14 @@ impl Node {
         self.hub.metrics.error(error.code);
         error
     }
+}
+
+/// What [`Node::start_publish`] produced.
+pub enum Published {
+    /// Done: delivered to the broker (no history), nothing to wait for.
+    Now(Option<Position>),
+    /// Queued to the store; resolves with the position once durable.
+    Later(plaza_store::BoxFuture<'static, Result<Position, ReplyError>>),
 }
 
 /// The store's bounds for a namespace.

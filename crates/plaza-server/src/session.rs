@@ -15,17 +15,24 @@ use crate::auth::app::{
 use crate::auth::jwt::unix_now;
 use crate::conn::ConnHandle;
 use crate::hub::Subscriber;
-use crate::node::Node;
+use crate::node::{Node, Published};
 
 /// What a command produced: the outcome to reply with and, for a subscribe to a channel with
 /// history, what must be queued with the reply.
 pub struct Handled {
+    /// The reply, unless `pending` will give it.
     pub outcome: Result<Outcome, ReplyError>,
+    /// A reply that comes later (a publish waiting to be durable). The connection keeps reading
+    /// meanwhile; replies are matched to requests by id.
+    pub pending: Option<PendingReply>,
     /// New subscriptions whose first frames must be queued with the reply.
     pub recoveries: Vec<Recovery>,
     /// Close the connection with this code once the reply is written.
     pub close_after: Option<CloseCode>,
 }
+
+/// A reply that resolves later; whoever awaits it counts its error.
+pub type PendingReply = plaza_store::BoxFuture<'static, Result<Outcome, ReplyError>>;
 
 /// Who a connection turned out to be.
 struct Identity {
@@ -59,6 +66,12 @@ pub struct Session {
     recoveries: Vec<Recovery>,
 }
 
+/// A publish's result: now, or once durable.
+enum Executed {
+    Now(Outcome),
+    Later(PendingReply),
+}
+
 impl Session {
     pub fn new(node: Arc<Node>, conn: Arc<ConnHandle>, forwarded: Forwarded) -> Self {
         Self {
@@ -80,9 +93,26 @@ impl Session {
 
     /// Executes one command. Errors are counted in the metrics.
     pub async fn handle(&mut self, command: Command) -> Handled {
-        let outcome = self.execute(command).await;
+        let mut pending = None;
+        let outcome = match command {
+            Command::Publish {
+                channel,
+                data,
+                token,
+            } if self.conn.is_connected() => match self.publish(&channel, data, token).await {
+                Ok(Executed::Now(outcome)) => Ok(outcome),
+                Ok(Executed::Later(later)) => {
+                    pending = Some(later);
+                    // Replaced by the pending reply.
+                    Ok(Outcome::Done)
+                }
+                Err(e) => Err(e),
+            },
+            other => self.execute(other).await,
+        };
         Handled {
             outcome: outcome.map_err(|e| self.node.count(e)),
+            pending,
             recoveries: std::mem::take(&mut self.recoveries),
             close_after: self.close_after.take(),
         }
@@ -124,22 +154,10 @@ impl Session {
                 channel,
                 data,
                 token,
-            } => {
-                let node = Arc::clone(&self.node);
-                let (channel, options) = node.resolve_channel(&channel)?;
-                if !options.client_publish {
-                    return Err(ReplyError::new(
-                        ErrorCode::PermissionDenied,
-                        format!(
-                            "clients may not publish to '{channel}': its namespace does not set client_publish"
-                        ),
-                    ));
-                }
-                self.check_access(options.publish, &channel, token.as_deref(), "publish")
-                    .await?;
-                let position = self.node.publish(channel, options, data, None).await?;
-                Ok(position.map_or(Outcome::Done, Outcome::Published))
-            }
+            } => match self.publish(&channel, data, token).await? {
+                Executed::Now(outcome) => Ok(outcome),
+                Executed::Later(later) => later.await,
+            },
             Command::Presence { channel } => {
                 let (channel, options) = self.subscribed(&channel)?;
                 self.node
@@ -220,6 +238,36 @@ impl Session {
                 Err(e)
             }
         }
+    }
+
+    async fn publish(
+        &self,
+        name: &str,
+        data: Payload,
+        token: Option<String>,
+    ) -> Result<Executed, ReplyError> {
+        let node = Arc::clone(&self.node);
+        let (channel, options) = node.resolve_channel(name)?;
+        if !options.client_publish {
+            return Err(ReplyError::new(
+                ErrorCode::PermissionDenied,
+                format!(
+                    "clients may not publish to '{channel}': its namespace does not set client_publish"
+                ),
+            ));
+        }
+        self.check_access(options.publish, &channel, token.as_deref(), "publish")
+            .await?;
+        Ok(match node.start_publish(channel, options, data).await? {
+            Published::Now(position) => {
+                Executed::Now(position.map_or(Outcome::Done, Outcome::Published))
+            }
+            Published::Later(durable) => {
+                Executed::Later(Box::pin(
+                    async move { durable.await.map(Outcome::Published) },
+                ))
+            }
+        })
     }
 
     async fn connect(

@@ -13,10 +13,11 @@ use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgr
 use axum::extract::{RawQuery, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
-use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::future::BoxFuture;
+use futures_util::stream::{FuturesUnordered, SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
-use plaza_core::{CloseCode, ErrorCode, ReplyError};
-use plaza_protocol::native;
+use plaza_core::{CloseCode, ErrorCode, Outcome, ReplyError};
+use plaza_protocol::native::{self, RequestId};
 
 use crate::auth::app::Forwarded;
 use crate::conn::{ConnHandle, Outgoing, Queue};
@@ -25,6 +26,8 @@ use crate::session::Session;
 
 /// How long the writer may take to deliver the close frame before the socket is dropped.
 const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most publishes one connection may have waiting for durability before it stops reading.
+const MAX_PENDING_REPLIES: usize = 1024;
 /// Most frames fed before one flush, so one busy connection cannot monopolise its task.
 const MAX_FRAMES_PER_FLUSH: usize = 256;
 
@@ -77,10 +80,20 @@ async fn read_loop(
     mut stream: SplitStream<WebSocket>,
 ) {
     let metrics = &node.hub.metrics;
+    // Publishes waiting to be durable. Reading goes on meanwhile, so one connection can keep
+    // many publishes in flight and group commit can batch them.
+    let mut pending =
+        FuturesUnordered::<BoxFuture<'static, (RequestId, Result<Outcome, ReplyError>)>>::new();
     loop {
         let message = tokio::select! {
-            m = stream.next() => m,
+            biased;
             () = conn.closed() => return,
+            Some((id, outcome)) = pending.next(), if !pending.is_empty() => {
+                let outcome = outcome.map_err(|e| node.count(e));
+                let _ = conn.push_text(Utf8Bytes::from(native::encode_reply(&id, &outcome)));
+                continue;
+            }
+            m = stream.next(), if pending.len() < MAX_PENDING_REPLIES => m,
         };
         let message = match message {
             None => break,
@@ -106,6 +119,11 @@ async fn read_loop(
                 let (reply, recoveries, close_after) = match native::decode(text.as_str()) {
                     Ok(request) => {
                         let handled = session.handle(request.command).await;
+                        if let Some(later) = handled.pending {
+                            let id = request.id;
+                            pending.push(Box::pin(async move { (id, later.await) }));
+                            continue;
+                        }
                         let reply = native::encode_reply(&request.id, &handled.outcome);
                         (reply, handled.recoveries, handled.close_after)
                     }

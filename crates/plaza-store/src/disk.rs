@@ -51,8 +51,6 @@ const NEXT_STREAM_ID: &str = "next_stream_id";
 /// Most requests in one transaction. Bounds the latency a single commit adds for its first waiter
 /// and the memory a batch holds; at ~200k durable messages/s it is a few milliseconds of work.
 const MAX_BATCH: usize = 1024;
-/// Requests waiting for the writer before appends wait to be queued (back-pressure on publishers).
-const QUEUE: usize = 8192;
 
 /// A [`Store`] in a redb file; the default store.
 ///
@@ -62,7 +60,9 @@ const QUEUE: usize = 8192;
 pub struct RedbStore {
     db: Arc<Database>,
     listener: Listener,
-    requests: mpsc::Sender<Request>,
+    /// Unbounded, so `append` can queue at call time without waiting: callers bound what they
+    /// keep in flight (a connection caps its pending publishes).
+    requests: mpsc::UnboundedSender<Request>,
     counters: Arc<Counters>,
     runtime: Handle,
     writer: JoinHandle<()>,
@@ -130,7 +130,7 @@ impl RedbStore {
         let db = Arc::new(db);
         let counters = Arc::new(Counters::default());
         let listener = Listener::default();
-        let (requests, queue) = mpsc::channel(QUEUE);
+        let (requests, queue) = mpsc::unbounded_channel();
         let writer = runtime.spawn(run_writer(
             db.clone(),
             queue,
@@ -168,16 +168,19 @@ impl RedbStore {
         Ok(())
     }
 
-    async fn write<T>(
+    /// Queues a request for the writer now, and returns the future of its answer.
+    fn write<T: Send + 'static>(
         &self,
         request: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Request,
-    ) -> Result<T, StoreError> {
+    ) -> BoxFuture<'static, Result<T, StoreError>> {
         let (reply, answer) = oneshot::channel();
-        self.requests
-            .send(request(reply))
-            .await
-            .map_err(|_| StoreError::Closed)?;
-        answer.await.map_err(|_| StoreError::Closed)?
+        let queued = self.requests.send(request(reply)).is_ok();
+        Box::pin(async move {
+            if !queued {
+                return Err(StoreError::Closed);
+            }
+            answer.await.map_err(|_| StoreError::Closed)?
+        })
     }
 
     async fn blocking<T: Send + 'static>(
@@ -211,14 +214,14 @@ impl Store for RedbStore {
         channel: &ChannelName,
         payload: Payload,
         options: StreamOptions,
-    ) -> BoxFuture<'_, Result<Position, StoreError>> {
+    ) -> BoxFuture<'static, Result<Position, StoreError>> {
         let channel = channel.as_arc().clone();
-        Box::pin(self.write(move |reply| Request::Append {
+        self.write(move |reply| Request::Append {
             channel,
             payload,
             options,
             reply,
-        }))
+        })
     }
 
     fn read(
@@ -265,7 +268,7 @@ impl Store for RedbStore {
 
     fn trim_expired(&self, now: SystemTime) -> BoxFuture<'_, Result<u64, StoreError>> {
         let now_ms = unix_ms(now);
-        Box::pin(self.write(move |reply| Request::TrimExpired { now_ms, reply }))
+        self.write(move |reply| Request::TrimExpired { now_ms, reply })
     }
 
     fn set_listener(&self, listener: Arc<dyn AppendListener>) -> bool {
@@ -283,7 +286,7 @@ impl Store for RedbStore {
 /// The writer task: one batch per loop, one transaction per batch.
 async fn run_writer(
     db: Arc<Database>,
-    mut queue: mpsc::Receiver<Request>,
+    mut queue: mpsc::UnboundedReceiver<Request>,
     clock: Arc<dyn Clock>,
     counters: Arc<Counters>,
     listener: Listener,

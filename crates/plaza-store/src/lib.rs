@@ -138,12 +138,17 @@ pub trait Store: Send + Sync + 'static {
     ///
     /// For a durable store the future resolves only once the publication is on disk, so the
     /// publisher's acknowledgement can be sent as soon as it does.
+    ///
+    /// The append is queued when this method is called, not when the future is first polled:
+    /// appends called one after another are stored (and announced to the listener) in call
+    /// order, even when their futures are awaited concurrently. That is what lets one connection
+    /// keep many publishes in flight without reordering them. The future owns what it needs.
     fn append(
         &self,
         channel: &ChannelName,
         payload: Payload,
         options: StreamOptions,
-    ) -> BoxFuture<'_, Result<Position, StoreError>>;
+    ) -> BoxFuture<'static, Result<Position, StoreError>>;
 
     /// Reads up to `limit` publications: those after `since` (oldest first), or without `since`
     /// the latest ones still kept. See [`ReadResult::complete`] for when the answer is partial.

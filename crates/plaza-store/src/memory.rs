@@ -191,7 +191,7 @@ impl Store for MemoryStore {
         channel: &ChannelName,
         payload: Payload,
         options: StreamOptions,
-    ) -> BoxFuture<'_, Result<Position, StoreError>> {
+    ) -> BoxFuture<'static, Result<Position, StoreError>> {
         Box::pin(std::future::ready(
             self.append_now(channel, payload, options),
         ))

@@ -79,6 +79,7 @@ for_each_store!(
     payloads_round_trip,
     concurrent_appends_get_consecutive_offsets,
     listener_sees_every_append_in_offset_order,
+    appends_are_ordered_by_call_not_by_await,
 );
 
 fn ch(name: &str) -> ChannelName {
@@ -400,6 +401,29 @@ async fn concurrent_appends_get_consecutive_offsets(f: Fixture) {
 }
 
 // ---- What only the memory store shows ----
+
+/// A caller that starts many appends and awaits them later (in reverse, here) still gets them
+/// stored in the order it called `append`.
+async fn appends_are_ordered_by_call_not_by_await(f: Fixture) {
+    let channel = ch("ordered");
+    let pending: Vec<_> = (1..=100u64)
+        .map(|i| f.store.append(&channel, n(i), unbounded()))
+        .collect();
+    let mut offsets = Vec::new();
+    for p in pending.into_iter().rev() {
+        offsets.push(p.await.unwrap().offset);
+    }
+    offsets.reverse();
+    assert_eq!(offsets, (1..=100).collect::<Vec<u64>>());
+    let read = f.store.read(&channel, None, 1000).await.unwrap();
+    let data: Vec<String> = read
+        .publications
+        .iter()
+        .map(|(_, p)| p.as_str().to_owned())
+        .collect();
+    let expected: Vec<String> = (1..=100u64).map(|i| n(i).as_str().to_owned()).collect();
+    assert_eq!(data, expected);
+}
 
 /// Records what the listener is told.
 #[derive(Default)]
