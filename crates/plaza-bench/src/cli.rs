@@ -1,6 +1,7 @@
 //! Command line.
 
 use crate::scenario::fanout::FanoutArgs;
+use crate::scenario::publish::PublishArgs;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
@@ -9,7 +10,7 @@ use clap::{Parser, Subcommand};
     version,
     about = "Load generator for Plaza: one JSON line of results on stdout, a table on stderr",
     after_help = "Exit status: 0 for a clean run, 2 when the run finished with problems (listed in \
-                  the JSON's `problems`: loss, refusals, dropped subscribers, deadline), 1 when it \
+                  the JSON's `problems`: loss, refusals, errors, dropped connections, deadline), 1 when it \
                   could not run."
 )]
 pub struct Cli {
@@ -25,4 +26,7 @@ pub enum Scenario {
     /// S subscribers on one channel, P publications through the backend API: deliveries/s,
     /// latency percentiles, loss, server CPU per delivery.
     Fanout(FanoutArgs),
+    /// P publishers keeping W publish requests in flight each, N publications: acknowledged
+    /// publishes/s, ack latency, offsets checked, server CPU per ack.
+    Publish(PublishArgs),
 }

@@ -4,11 +4,12 @@
 //! Results go to stdout as one JSON line; a table and progress lines go to stderr.
 //!
 //! Layout:
-//! - [`scenario`]: what is measured (`fanout` today; `conns` and `chat` later),
+//! - [`scenario`]: what is measured (`fanout`, `publish`; `conns` and `chat` later),
 //! - [`peer`]: how subscribers talk to a server (Plaza native today; NATS WS, Socket.IO, Snorky,
 //!   High-templar later),
 //! - [`publisher`]: how publications are sent (Plaza's backend HTTP API today),
-//! - [`ws`]: a lean WebSocket client for the subscribers' hot path,
+//! - [`ws`]: a lean WebSocket client for the subscribers' and publishers' hot path,
+//! - [`reply`]: publish replies read without a JSON tree,
 //! - [`payload`], [`stats`], [`procfs`], [`http`], [`clock`], [`progress`]: the pieces.
 
 pub mod cli;
@@ -19,6 +20,7 @@ pub mod peer;
 pub mod procfs;
 pub mod progress;
 pub mod publisher;
+pub mod reply;
 pub mod scenario;
 pub mod stats;
 pub mod ws;

@@ -53,7 +53,7 @@ fn push_u64(out: &mut Vec<u8>, mut v: u64) {
 }
 
 /// Parses a run of 1 to 20 ASCII digits without overflow; returns the value and the rest.
-fn take_u64(s: &[u8]) -> Option<(u64, &[u8])> {
+pub(crate) fn take_u64(s: &[u8]) -> Option<(u64, &[u8])> {
     let n = s.iter().take_while(|b| b.is_ascii_digit()).count();
     if n == 0 || n > 20 {
         return None;

@@ -337,6 +337,26 @@ impl WsConn {
         Ok(())
     }
 
+    /// Appends one masked text frame carrying `text` to `out`, to be written with
+    /// [`Self::write_all`] (several frames go out in one write).
+    pub fn encode_text(&mut self, text: &[u8], out: &mut Vec<u8>) {
+        let mask = self.next_mask();
+        encode_frame(OP_TEXT, text, mask, out);
+    }
+
+    /// Writes any pending control reply, then `bytes` (frames from [`Self::encode_text`]).
+    pub async fn write_all(&mut self, bytes: &[u8]) -> Result<()> {
+        if !self.out.is_empty() {
+            let out = std::mem::take(&mut self.out);
+            self.tcp
+                .write_all(&out)
+                .await
+                .context("sending a control frame")?;
+        }
+        self.tcp.write_all(bytes).await.context("sending frames")?;
+        Ok(())
+    }
+
     /// The next message, within `timeout`.
     pub async fn next_message(&mut self, timeout: Duration) -> Result<Message> {
         if let Some(m) = self.pending.pop_front() {

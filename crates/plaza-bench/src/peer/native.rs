@@ -89,7 +89,7 @@ fn fast_publication(line: &[u8]) -> Option<&[u8]> {
 }
 
 /// The index of the `"` that closes a JSON string whose opening quote was just before `s`.
-fn string_end(s: &[u8]) -> Option<usize> {
+pub(crate) fn string_end(s: &[u8]) -> Option<usize> {
     let mut i = 0;
     loop {
         match *s.get(i)? {
@@ -165,6 +165,19 @@ async fn call(
     }
 }
 
+/// Opens a session with `connect` (anonymous, or as whatever the server allows) on a fresh
+/// WebSocket; resolves once the server accepted it. Request id 1 is used.
+pub async fn connect(ws: &mut WsConn, timeout: Duration) -> Result<()> {
+    call(
+        ws,
+        1,
+        "connect",
+        r#"{"name":"plaza-bench"}"#.into(),
+        timeout,
+    )
+    .await
+}
+
 impl SubscriberPeer for Native {
     fn name(&self) -> &'static str {
         "plaza-native"
@@ -177,14 +190,7 @@ impl SubscriberPeer for Native {
         timeout: Duration,
     ) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
-            call(
-                ws,
-                1,
-                "connect",
-                r#"{"name":"plaza-bench"}"#.into(),
-                timeout,
-            )
-            .await?;
+            connect(ws, timeout).await?;
             let params = serde_json::json!({ "channel": channel }).to_string();
             call(ws, 2, "subscribe", params, timeout).await
         })

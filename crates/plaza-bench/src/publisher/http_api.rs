@@ -1,16 +1,17 @@
 //! Publishing through an HTTP backend API (`POST /api/publish`), pipelined on one keep-alive
 //! connection: the writer sends up to the window's worth of requests ahead of the responses, and
 //! the reader hands a slot back per response. Responses come in request order, so the server sees
-//! the publications in sequence order.
+//! the publications in sequence order, and each response is matched with its request's send time
+//! (for [`run_with`]'s hook). The future is `Send`: several publishers can run as tasks.
 
 use super::{Pace, PublishReport};
 use crate::clock;
-use crate::http::{HttpTarget, ResponseReader, encode_request};
+use crate::http::{HttpTarget, Response, ResponseReader, encode_request};
 use crate::payload;
 use anyhow::{Context, Result, bail};
-use std::cell::RefCell;
-use std::sync::Arc;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -44,9 +45,24 @@ pub struct PublishProgress {
 
 /// Publishes `count` payloads; returns what happened, including partial runs.
 pub async fn run(p: &HttpPublish<'_>, progress: &Arc<PublishProgress>) -> PublishReport {
-    let report = RefCell::new(PublishReport::default());
-    let result = tokio::time::timeout_at(p.deadline, publish(p, progress, &report)).await;
-    let mut report = report.into_inner();
+    run_with(p, progress, &mut |_, _, _| {}).await
+}
+
+/// [`run`], calling `on_response(response, sent_ns, received_ns)` for every response, in request
+/// order, with the clock readings ([`clock::now_ns`]) of when its request was written and when the
+/// response was read.
+pub async fn run_with(
+    p: &HttpPublish<'_>,
+    progress: &Arc<PublishProgress>,
+    on_response: &mut (dyn FnMut(&Response, u64, u64) + Send),
+) -> PublishReport {
+    let shared = Mutex::new(Shared::default());
+    let result =
+        tokio::time::timeout_at(p.deadline, publish(p, progress, &shared, on_response)).await;
+    let mut report = shared
+        .into_inner()
+        .unwrap_or_else(PoisonError::into_inner)
+        .report;
     match result {
         Ok(Ok(())) => {}
         Ok(Err(e)) => report.aborted = Some(format!("{e:#}")),
@@ -56,12 +72,24 @@ pub async fn run(p: &HttpPublish<'_>, progress: &Arc<PublishProgress>) -> Publis
     report
 }
 
-/// Writer and reader share `report` (never borrowed across an await). Whichever fails first ends
-/// both.
+/// What the writer and the reader share (never locked across an await).
+#[derive(Default)]
+struct Shared {
+    report: PublishReport,
+    /// When each request awaiting its response was written, oldest first.
+    sent_at: VecDeque<u64>,
+}
+
+fn lock(shared: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
+    shared.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Whichever of the writer and the reader fails first ends both.
 async fn publish(
     p: &HttpPublish<'_>,
     progress: &PublishProgress,
-    report: &RefCell<PublishReport>,
+    shared: &Mutex<Shared>,
+    on_response: &mut (dyn FnMut(&Response, u64, u64) + Send),
 ) -> Result<()> {
     let stream = TcpStream::connect(&p.target.addr)
         .await
@@ -109,7 +137,9 @@ async fn publish(
                 encode_request(&mut buf, "POST", &path, &p.target.host, p.headers, &body);
             }
             {
-                let mut r = report.borrow_mut();
+                let mut sh = lock(shared);
+                sh.sent_at.extend(std::iter::repeat_n(t, n));
+                let r = &mut sh.report;
                 if seq == 0 {
                     r.first_send_ns = t;
                 }
@@ -128,9 +158,12 @@ async fn publish(
         while acked < p.count {
             let resp = rr.next(&mut rd).await?;
             acked += 1;
-            {
-                let mut r = report.borrow_mut();
-                r.last_ack_ns = clock::now_ns();
+            let now = clock::now_ns();
+            let sent_at = {
+                let mut sh = lock(shared);
+                let sent_at = sh.sent_at.pop_front().unwrap_or(now);
+                let r = &mut sh.report;
+                r.last_ack_ns = now;
                 *r.statuses.entry(resp.status).or_insert(0) += 1;
                 if (200..300).contains(&resp.status) {
                     r.ok += 1;
@@ -144,7 +177,9 @@ async fn publish(
                         ));
                     }
                 }
-            }
+                sent_at
+            };
+            on_response(&resp, sent_at, now);
             slots.add_permits(1);
             progress.acked.store(acked, Ordering::Relaxed);
             if resp.close && acked < p.count {

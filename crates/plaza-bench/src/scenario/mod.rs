@@ -3,11 +3,14 @@
 //!
 //! - [`fanout`]: S subscribers on one channel, P publications from the backend; deliveries/s,
 //!   latency, loss, server CPU per delivery.
+//! - [`publish`]: P publishers pipelining W publish requests each (native WebSocket or backend
+//!   API); acknowledged publishes/s, ack latency, offsets checked, server CPU per ack.
 //!
 //! Planned: `conns` (idle connections: memory and CPU per connection) and `chat` (many channels,
 //! clients publishing), as sibling modules.
 
 pub mod fanout;
+pub mod publish;
 
 use serde::Serialize;
 
