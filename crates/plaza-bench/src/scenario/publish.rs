@@ -279,11 +279,11 @@ struct PubOutcome {
     first_send_ns: u64,
     last_ack_ns: u64,
     samples: Vec<u64>,
-    offsets: Vec<u64>,
-    last_offset: Option<u64>,
+    /// `(request sequence, offset)`: replies may arrive in any order (the server answers a
+    /// publish once it is durable), but offsets must grow in the order the requests were sent.
+    offsets: Vec<(u64, u64)>,
     epoch: Option<Vec<u8>>,
     epoch_changes: u64,
-    offset_regressions: u64,
     acks_without_position: u64,
     /// Why it stopped before every request was answered.
     stopped: Option<String>,
@@ -300,7 +300,15 @@ impl PubOutcome {
         }
     }
 
-    fn on_ack(&mut self, sent_ns: u64, now_ns: u64, position: Option<Position<'_>>) {
+    /// Offsets that do not grow with the request sequence (a publisher's publications stored out
+    /// of the order it sent them, or a duplicate).
+    fn offset_regressions(&self) -> u64 {
+        let mut by_seq = self.offsets.clone();
+        by_seq.sort_unstable_by_key(|(seq, _)| *seq);
+        by_seq.windows(2).filter(|w| w[1].1 <= w[0].1).count() as u64
+    }
+
+    fn on_ack(&mut self, seq: u64, sent_ns: u64, now_ns: u64, position: Option<Position<'_>>) {
         self.acked += 1;
         self.last_ack_ns = self.last_ack_ns.max(now_ns);
         self.samples.push(now_ns.saturating_sub(sent_ns));
@@ -313,11 +321,7 @@ impl PubOutcome {
             Some(e) if e.as_slice() != p.epoch => self.epoch_changes += 1,
             Some(_) => {}
         }
-        if self.last_offset.is_some_and(|last| p.offset <= last) {
-            self.offset_regressions += 1;
-        }
-        self.last_offset = Some(p.offset);
-        self.offsets.push(p.offset);
+        self.offsets.push((seq, p.offset));
     }
 
     fn on_error(&mut self, matched: bool, text: impl FnOnce() -> String) {
@@ -415,7 +419,7 @@ fn on_line(line: &[u8], now: u64, flight: &mut InFlight, out: &mut PubOutcome) {
         Reply::Ok { id, position } => match flight.complete(id) {
             Some((sent, early)) => {
                 out.replies_out_of_order += u64::from(early);
-                out.on_ack(sent, now, position);
+                out.on_ack(id, sent, now, position);
             }
             None => out.unexpected_replies += 1,
         },
@@ -590,7 +594,8 @@ impl ApiPublisher {
             http_api::run_with(&p, &self.progress, &mut |resp, sent, now| {
                 if (200..300).contains(&resp.status) {
                     match reply::parse_api_result(&resp.body) {
-                        Some(position) => out.on_ack(sent, now, position),
+                        // HTTP/1.1 answers one connection's requests in order.
+                        Some(position) => out.on_ack(out.acked, sent, now, position),
                         None => out.malformed += 1,
                     }
                 } else {
@@ -640,7 +645,7 @@ fn check_channels(outcomes: &[PubOutcome]) -> (u64, u64, u64) {
     for pubs in by_channel.values() {
         let mut offsets: Vec<u64> = pubs
             .iter()
-            .flat_map(|o| o.offsets.iter().copied())
+            .flat_map(|o| o.offsets.iter().map(|(_, offset)| *offset))
             .collect();
         offsets.sort_unstable();
         let before = offsets.len() as u64;
@@ -885,7 +890,7 @@ pub async fn run(args: PublishArgs, threads: usize) -> Result<PublishBenchReport
         r.replies_out_of_order += o.replies_out_of_order;
         r.acks_with_position += o.offsets.len() as u64;
         r.acks_without_position += o.acks_without_position;
-        r.offset_regressions += o.offset_regressions;
+        r.offset_regressions += o.offset_regressions();
         r.epoch_changes += o.epoch_changes;
         if r.first_error.is_none() {
             r.first_error = o.first_error.take();
@@ -1274,8 +1279,9 @@ mod tests {
         );
         assert_eq!((o.unexpected_replies, o.pushes), (1, 1));
         assert_eq!(o.samples, [50, 50, 70]);
-        assert_eq!(o.offsets, [1, 1, 5]);
-        assert_eq!((o.offset_regressions, o.epoch_changes), (1, 1));
+        let offsets: Vec<u64> = o.offsets.iter().map(|(_, off)| *off).collect();
+        assert_eq!(offsets, [1, 1, 5]);
+        assert_eq!((o.offset_regressions(), o.epoch_changes), (1, 1));
         assert_eq!(o.replies_out_of_order, 1);
         assert_eq!(o.epoch.as_deref(), Some(&b"e1"[..]));
         assert_eq!(
@@ -1298,8 +1304,9 @@ mod tests {
             (&mut b, [2, 4, 7], "e"),
             (&mut c, [1, 2, 3], "f"),
         ] {
-            for off in offs {
+            for (seq, off) in offs.into_iter().enumerate() {
                 o.on_ack(
+                    seq as u64,
                     0,
                     1,
                     Some(Position {
@@ -1314,6 +1321,7 @@ mod tests {
         let mut d = PubOutcome::new(0, 1);
         d.on_ack(
             0,
+            0,
             1,
             Some(Position {
                 epoch: b"x",
@@ -1324,6 +1332,7 @@ mod tests {
         let mut a = PubOutcome::new(0, 1);
         a.on_ack(
             0,
+            0,
             1,
             Some(Position {
                 epoch: b"y",
@@ -1331,6 +1340,25 @@ mod tests {
             }),
         );
         assert_eq!(check_channels(&[a, d, e]), (0, 0, 1));
+    }
+
+    #[test]
+    fn offsets_must_grow_with_the_request_not_the_reply_order() {
+        let mut o = PubOutcome::new(0, 3);
+        let at = |offset| {
+            Some(Position {
+                epoch: b"e",
+                offset,
+            })
+        };
+        // Replies for requests 2, 1, 3 arrive in that order: fine.
+        o.on_ack(2, 0, 1, at(11));
+        o.on_ack(1, 0, 1, at(10));
+        o.on_ack(3, 0, 1, at(12));
+        assert_eq!(o.offset_regressions(), 0);
+        // Request 4 stored before request 3: a regression.
+        o.on_ack(4, 0, 1, at(9));
+        assert_eq!(o.offset_regressions(), 1);
     }
 
     #[test]
