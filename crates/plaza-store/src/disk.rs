@@ -25,6 +25,7 @@
 //! Every value read back is checked: a short or malformed value is a [`StoreError::Corrupt`], not a
 //! panic.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -421,6 +422,7 @@ fn write_batch(
             meta: txn.open_table(META)?,
             entries: txn.open_table(ENTRIES)?,
             counters: txn.open_table(COUNTERS)?,
+            touched: HashMap::new(),
         };
         for request in requests.by_ref() {
             match request {
@@ -449,19 +451,22 @@ fn write_batch(
                         return Err(fatal);
                     }
                 },
-                Request::TrimExpired { now_ms, reply } => match tables.trim_expired(now_ms) {
-                    Ok((removed, damage)) => {
-                        // Healthy streams are trimmed even when a damaged one is reported.
-                        changed |= removed > 0;
-                        replies.push(Reply::Count(reply, damage.map_or(Ok(removed), Err)));
+                Request::TrimExpired { now_ms, reply } => {
+                    match tables.flush().and_then(|()| tables.trim_expired(now_ms)) {
+                        Ok((removed, damage)) => {
+                            // Healthy streams are trimmed even when a damaged one is reported.
+                            changed |= removed > 0;
+                            replies.push(Reply::Count(reply, damage.map_or(Ok(removed), Err)));
+                        }
+                        Err(fatal) => {
+                            replies.push(Reply::Count(reply, Err(fatal.clone())));
+                            return Err(fatal);
+                        }
                     }
-                    Err(fatal) => {
-                        replies.push(Reply::Count(reply, Err(fatal.clone())));
-                        return Err(fatal);
-                    }
-                },
+                }
             }
         }
+        tables.flush()?;
     }
     if changed {
         txn.commit()?;
@@ -476,6 +481,17 @@ struct Tables<'txn> {
     meta: Table<'txn, &'static str, &'static [u8]>,
     entries: Table<'txn, (u64, u64), &'static [u8]>,
     counters: Table<'txn, &'static str, u64>,
+    /// Streams appended to in this batch: their metadata is read once and written once per
+    /// batch ([`Tables::flush`]), and entries pushed out by `max_len` are removed as one range,
+    /// instead of a read, a write and a delete per append.
+    touched: HashMap<String, Touched>,
+}
+
+/// A stream's metadata as this batch has left it.
+struct Touched {
+    meta: Meta,
+    /// `first` as stored before the batch: entries from here up to `meta.first - 1` must go.
+    first_stored: u64,
 }
 
 /// A request's result inside a transaction: outer error = storage (fails the batch), inner error
@@ -516,21 +532,29 @@ impl Tables<'_> {
         options: StreamOptions,
         now_ms: u64,
     ) -> Nested<Position> {
-        let mut meta = match self.load(channel)? {
-            Ok(Some(meta)) => meta,
-            Ok(None) => match self.new_stream()? {
-                Ok(meta) => meta,
+        if !self.touched.contains_key(channel) {
+            let meta = match self.load(channel)? {
+                Ok(Some(meta)) => meta,
+                Ok(None) => match self.new_stream()? {
+                    Ok(meta) => meta,
+                    Err(e) => return Ok(Err(e)),
+                },
                 Err(e) => return Ok(Err(e)),
-            },
-            Err(e) => return Ok(Err(e)),
+            };
+            let first_stored = meta.first;
+            self.touched
+                .insert(channel.to_owned(), Touched { meta, first_stored });
+        }
+        let Some(Touched { meta, .. }) = self.touched.get_mut(channel) else {
+            return Ok(Err(StoreError::Corrupt(format!(
+                "stream {channel:?} vanished inside its batch"
+            ))));
         };
         let plan = match plan_append(meta.top, meta.first, options.max_len) {
             Ok(plan) => plan,
             Err(e) => return Ok(Err(e)),
         };
-        if let Some((from, to)) = plan.drop {
-            self.remove_range(meta.id, from, to)?;
-        }
+        // Entries pushed out (`plan.drop`) are removed by `flush`, as one range per stream.
         meta.last_ms = stream::stamp(now_ms, meta.last_ms);
         if plan.store {
             let mut value = Vec::with_capacity(8 + payload.len());
@@ -542,12 +566,29 @@ impl Tables<'_> {
         meta.top = plan.offset;
         meta.first = plan.first;
         meta.ttl_ms = options.ttl.map(duration_ms);
-        self.meta.insert(channel, meta.encode().as_slice())?;
         Ok(Ok(meta.position()))
+    }
+
+    /// Writes the metadata of every stream this batch appended to, and removes the entries its
+    /// appends pushed out. Runs before the commit and before anything that reads the metadata
+    /// table directly.
+    fn flush(&mut self) -> Result<(), StoreError> {
+        for (channel, touched) in std::mem::take(&mut self.touched) {
+            let Touched { meta, first_stored } = touched;
+            if meta.first > first_stored {
+                self.remove_range(meta.id, first_stored, meta.first - 1)?;
+            }
+            self.meta
+                .insert(channel.as_str(), meta.encode().as_slice())?;
+        }
+        Ok(())
     }
 
     /// The stream's top, creating the stream first if needed; also says whether it was created.
     fn create(&mut self, channel: &str) -> Nested<(Position, bool)> {
+        if let Some(touched) = self.touched.get(channel) {
+            return Ok(Ok((touched.meta.position(), false)));
+        }
         match self.load(channel)? {
             Ok(Some(meta)) => Ok(Ok((meta.position(), false))),
             Ok(None) => match self.new_stream()? {
