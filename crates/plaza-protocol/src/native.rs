@@ -302,12 +302,25 @@ pub fn encode_presence_event(channel: &str, event: &PresenceEvent) -> String {
 /// Encodes the push of a publication. Called once per publication, whatever the number of
 /// subscribers: the frame carries no per-subscriber field.
 pub fn encode_publication(publication: &Publication) -> String {
-    let channel = json_string(publication.channel.as_str());
-    let data = publication.data.as_str();
+    encode_publication_parts(
+        publication.channel.as_str(),
+        publication.position.as_ref(),
+        &publication.data,
+    )
+}
+
+/// [`encode_publication`] from its parts, for callers that hold no [`Publication`].
+pub fn encode_publication_parts(
+    channel: &str,
+    position: Option<&Position>,
+    data: &Payload,
+) -> String {
+    let channel = json_string(channel);
+    let data = data.as_str();
     let mut out = String::with_capacity(80 + channel.len() + data.len());
     out.push_str("{\"push\":\"publication\",\"channel\":");
     out.push_str(&channel);
-    if let Some(position) = &publication.position {
+    if let Some(position) = position {
         out.push(',');
         out.push_str(&position_fields(position));
     }

@@ -10,9 +10,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use axum::extract::ws::Utf8Bytes;
 use dashmap::DashMap;
 use plaza_broker::PublicationSink;
-use plaza_core::{
-    ChannelName, CloseCode, ConnId, Payload, Position, Publication, SubscriptionIndex,
-};
+use plaza_core::{CloseCode, ConnId, Payload, Position, Publication, SubscriptionIndex};
 use plaza_protocol::native;
 use plaza_store::AppendListener;
 
@@ -181,12 +179,19 @@ impl Hub {
         });
     }
 
-    fn fan_out(&self, channel: &str, offset: Option<u64>, frame: Utf8Bytes) {
+    /// Offers a publication to every subscriber of `channel`. The frame is encoded once, when
+    /// the first subscriber is found, so a channel nobody listens to costs no encoding.
+    fn fan_out(&self, channel: &str, position: Option<&Position>, data: &Payload) {
+        let offset = position.map(|p| p.offset);
+        let mut frame: Option<Utf8Bytes> = None;
         let mut delivered = 0u64;
         // A refused push has already closed that connection (slow consumer) or found it closing;
         // the writer counts the disconnect.
         self.index.for_each_subscriber(channel, |_, subscriber| {
-            delivered += u64::from(subscriber.offer(offset, &frame));
+            let frame = frame.get_or_insert_with(|| {
+                Utf8Bytes::from(native::encode_publication_parts(channel, position, data))
+            });
+            delivered += u64::from(subscriber.offer(offset, frame));
         });
         self.metrics.deliveries_total.fetch_add(delivered, Relaxed);
     }
@@ -194,24 +199,17 @@ impl Hub {
 
 impl PublicationSink for Hub {
     fn deliver(&self, publication: &Publication) {
-        let frame = Utf8Bytes::from(native::encode_publication(publication));
-        let offset = publication.position.as_ref().map(|p| p.offset);
-        self.fan_out(publication.channel.as_str(), offset, frame);
+        self.fan_out(
+            publication.channel.as_str(),
+            publication.position.as_ref(),
+            &publication.data,
+        );
     }
 }
 
 /// Publications of channels with history reach subscribers from the store, in offset order.
 impl AppendListener for Hub {
     fn appended(&self, channel: &str, position: &Position, payload: &Payload) {
-        // The store only appends to channels that passed validation, so the name parses; the
-        // length limit was checked then too.
-        let Ok(channel) = ChannelName::parse(channel, usize::MAX) else {
-            return;
-        };
-        self.deliver(&Publication {
-            channel,
-            data: payload.clone(),
-            position: Some(position.clone()),
-        });
+        self.fan_out(channel, Some(position), payload);
     }
 }
