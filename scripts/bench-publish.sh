@@ -2,16 +2,18 @@
 # Acknowledged publishes per second, durable (history on: each ack waits for the group-committed
 # write to disk) against plain (history off), on loopback.
 #
-# Builds the server and plaza-bench (release), then runs four cases, each against a FRESH server
+# Builds the server and plaza-bench (release), then runs six cases, each against a FRESH server
 # (new ports, new data directory) started with a config that has a `durable` namespace
 # (history_size = 1000) and a `plain` one (no history), both with client_publish:
 #
-#   1. durable, 1 publisher, window 256        3. plain, 1 publisher, window 256
-#   2. durable, 100 publishers, window 16      4. plain, 100 publishers, window 16
+#   durable-1x1024       1 publisher keeping 1024 publishes in flight (the server's per-connection
+#                        maximum), one channel
+#   durable-100x16-one   100 publishers, 16 in flight each, all on one channel
+#   durable-100x16-each  100 publishers, 16 in flight each, one channel each
+#   plain-...            the same three with history off
 #
-# one channel per publisher (`plaza-bench publish --channels per-publisher`). The JSON line of each
-# case goes to stdout; the per-case tables, progress lines and a final markdown summary table go
-# to stderr.
+# The JSON line of each case goes to stdout; the per-case tables, progress lines and a final
+# markdown summary table go to stderr.
 #
 #   scripts/bench-publish.sh                        # native WebSocket publishers
 #   VIA=api scripts/bench-publish.sh                # through POST /api/publish instead
@@ -130,10 +132,10 @@ note_rc() {
     fi
 }
 
-# run_case NAME NAMESPACE PUBLISHERS WINDOW PUBLICATIONS [plaza-bench flags...]
+# run_case NAME NAMESPACE CHANNELS(one|per-publisher) PUBLISHERS WINDOW PUBLICATIONS [flags...]
 run_case() {
-    local name="$1" ns="$2" publishers="$3" window="$4" n="$5"
-    shift 5
+    local name="$1" ns="$2" channels="$3" publishers="$4" window="$5" n="$6"
+    shift 6
     echo "bench-publish: === $name: $ns, $publishers publishers, window $window, $n publications ===" >&2
     if ! start_server "$name"; then
         note_rc 1
@@ -143,7 +145,7 @@ run_case() {
     "$BENCH" publish --via "$VIA" \
         --ws "ws://127.0.0.1:$WS_PORT/plaza/ws" \
         --api "http://127.0.0.1:$API_PORT" \
-        --channel "$ns:bench" --channels per-publisher \
+        --channel "$ns:bench" --channels "$channels" \
         --publishers "$publishers" --window "$window" --publications "$n" \
         --server-pid "$SERVER_PID" --timeout-secs "$CASE_TIMEOUT" --label "$name" \
         "$@" >"$TMP/result-$name.json" || rc=$?
@@ -160,10 +162,13 @@ run_case() {
 }
 
 : >"$TMP/results.jsonl"
-run_case durable-1x256 durable 1 256 "$N_DURABLE" "$@"
-run_case durable-100x16 durable 100 16 "$N_DURABLE" "$@"
-run_case plain-1x256 plain 1 256 "$N_PLAIN" "$@"
-run_case plain-100x16 plain 100 16 "$N_PLAIN" "$@"
+for ns in durable plain; do
+    n="$N_DURABLE"
+    [[ "$ns" == plain ]] && n="$N_PLAIN"
+    run_case "$ns-1x1024" "$ns" one 1 1024 "$n" "$@"
+    run_case "$ns-100x16-one" "$ns" one 100 16 "$n" "$@"
+    run_case "$ns-100x16-each" "$ns" per-publisher 100 16 "$n" "$@"
+done
 
 python3 - "$TMP/results.jsonl" "$VIA" >&2 <<'EOF'
 import json, sys
@@ -179,12 +184,13 @@ def fmt(x, nd=0):
     return "-" if x is None else f"{x:,.{nd}f}"
 
 print()
-print(f"Acknowledged publishes via {sys.argv[2]} (one channel per publisher, fresh server each):")
+print(f"Acknowledged publishes via {sys.argv[2]} (fresh server each):")
 print()
 print("| case | acked/s | p50 ack µs | p99 ack µs | max ack µs | server µs/ack | server cores "
       "| bench cores | problems |")
 print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
-for name in ["durable-1x256", "durable-100x16", "plain-1x256", "plain-100x16"]:
+CASES = ["1x1024", "100x16-one", "100x16-each"]
+for name in [f"{ns}-{c}" for ns in ("durable", "plain") for c in CASES]:
     r = rows.get(name)
     if r is None:
         print(f"| {name} | (no result) | | | | | | | |")
@@ -196,10 +202,10 @@ for name in ["durable-1x256", "durable-100x16", "plain-1x256", "plain-100x16"]:
           f"| {fmt(s.get('cores_publish'), 2)} | {fmt(r['bench']['cores_publish'], 2)} "
           f"| {'; '.join(r['problems']) or 'none'} |")
 print()
-for d, p in [("durable-1x256", "plain-1x256"), ("durable-100x16", "plain-100x16")]:
+for d, p in [(f"durable-{c}", f"plain-{c}") for c in CASES]:
     if d in rows and p in rows and rows[p]["acked_per_sec"] > 0:
         ratio = rows[d]["acked_per_sec"] / rows[p]["acked_per_sec"]
-        print(f"- durable/plain, {d.split('-')[1]}: {ratio:.2f} "
+        print(f"- durable/plain, {d.split('-', 1)[1]}: {ratio:.2f} "
               f"({fmt(rows[d]['acked_per_sec'])} / {fmt(rows[p]['acked_per_sec'])} acked/s)")
 EOF
 exit "$worst"

@@ -303,9 +303,16 @@ async fn run_writer(
         // Waiting here (rather than spawning and moving on) is what makes the next batch: while
         // this one commits, new requests queue up. If the batch panics, its reply senders are
         // dropped and every waiter gets `StoreError::Closed`.
-        let _ = runtime
+        let committed = runtime
             .spawn_blocking(move || commit_batch(&db, requests, now_ms, &counters, &listener))
             .await;
+        // Answered from this task, on a runtime thread: waking the waiters from here is a local
+        // queue push, while a wake from the blocking thread costs a cross-thread unpark each.
+        if let Ok(replies) = committed {
+            for reply in replies {
+                reply.send();
+            }
+        }
     }
 }
 
@@ -360,15 +367,15 @@ impl Request {
     }
 }
 
-/// Applies a batch in one durable transaction, tells the listener about each append in order, then
-/// answers every request.
+/// Applies a batch in one durable transaction, tells the listener about each append in order, and
+/// returns the answer to every request (sent by the writer task).
 fn commit_batch(
     db: &Database,
     requests: Vec<Request>,
     now_ms: u64,
     counters: &Counters,
     listener: &Listener,
-) {
+) -> Vec<Reply> {
     let mut replies = Vec::with_capacity(requests.len());
     let mut pending = requests.into_iter();
     let outcome = write_batch(db, &mut pending, now_ms, &mut replies);
@@ -395,9 +402,7 @@ fn commit_batch(
             .chain(pending.map(|r| r.into_failed_reply(&error)))
             .collect(),
     };
-    for reply in replies {
-        reply.send();
-    }
+    replies
 }
 
 /// Applies requests until done or until the storage fails. Returns whether a transaction was
