@@ -8,8 +8,10 @@
 pub mod channel;
 pub mod command;
 pub mod error;
+pub mod filter;
 pub mod index;
 pub mod limits;
+pub mod live;
 pub mod namespace;
 pub mod payload;
 pub mod presence;
@@ -18,8 +20,13 @@ pub mod publication;
 pub use channel::{ChannelName, ChannelNameError};
 pub use command::{Command, ConnectInfo, Outcome, Position, SubscribeInfo};
 pub use error::{CloseCode, ErrorCode, ReplyError};
+pub use filter::{FieldPath, Filter, FilterError};
 pub use index::{ConnId, SubscriptionIndex};
 pub use limits::Limits;
+pub use live::{
+    Dealer, DealerConfig, DealerError, DealerKind, Delta, DeltaError, LiveError, LiveIndex,
+    LiveQuery, OutDelta, SubId,
+};
 pub use namespace::{AccessPolicy, NamespaceError, NamespaceOptions, Namespaces};
 pub use payload::{Payload, PayloadError};
 pub use presence::{ChannelPresence, ClientInfo, PresenceEvent};
