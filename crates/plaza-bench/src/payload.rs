@@ -26,16 +26,25 @@ pub fn encode(seq: u64, t_ns: u64, size: usize, out: &mut Vec<u8>) {
 }
 
 /// Reads `(seq, t_ns)` from a payload written by [`encode`]. `None` when it is not one.
+///
+/// Servers that re-serialise the data with Python's `json.dumps` (Snorky, High-templar) put a
+/// space after every `:` and `,`: `{"s": 1, "t": 2, "p": "x"}` is read too.
 pub fn parse(data: &[u8]) -> Option<(u64, u64)> {
-    let rest = data.strip_prefix(PREFIX)?;
+    let rest = space(data.strip_prefix(PREFIX)?);
     let (seq, rest) = take_u64(rest)?;
-    let rest = rest.strip_prefix(T_FIELD)?;
+    let rest = rest.strip_prefix(b",")?;
+    let rest = space(space(rest).strip_prefix(b"\"t\":")?);
     let (t, rest) = take_u64(rest)?;
     // The next byte must end the number: `,` (padding follows) or `}`.
     match rest.first() {
         Some(b',') | Some(b'}') => Some((seq, t)),
         _ => None,
     }
+}
+
+/// `s` without one leading space.
+fn space(s: &[u8]) -> &[u8] {
+    s.strip_prefix(b" ").unwrap_or(s)
 }
 
 fn push_u64(out: &mut Vec<u8>, mut v: u64) {
@@ -115,5 +124,10 @@ mod tests {
             assert_eq!(parse(bad), None, "{}", String::from_utf8_lossy(bad));
         }
         assert_eq!(parse(b"{\"s\":1,\"t\":2}"), Some((1, 2)));
+        // Python's json.dumps layout.
+        assert_eq!(parse(br#"{"s": 12, "t": 345, "p": "xx"}"#), Some((12, 345)));
+        assert_eq!(parse(br#"{"s": 12,"t": 345}"#), Some((12, 345)));
+        assert_eq!(parse(br#"{"s": 12 , "t": 345}"#), None);
+        assert_eq!(parse(br#"{"s":  12, "t": 345}"#), None);
     }
 }

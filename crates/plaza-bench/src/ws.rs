@@ -337,6 +337,55 @@ impl WsConn {
         Ok(())
     }
 
+    /// Sends one binary message (and any pending control reply).
+    pub async fn send_binary(&mut self, data: &[u8]) -> Result<()> {
+        let mask = self.next_mask();
+        let mut out = std::mem::take(&mut self.out);
+        encode_frame(OP_BINARY, data, mask, &mut out);
+        self.tcp.write_all(&out).await.context("sending a frame")?;
+        Ok(())
+    }
+
+    /// Sends one message as a text or a binary frame.
+    pub async fn send(&mut self, data: &[u8], binary: bool) -> Result<()> {
+        if binary {
+            self.send_binary(data).await
+        } else {
+            self.send_text(data).await
+        }
+    }
+
+    /// Appends one masked frame (text or binary) carrying `data` to `out`.
+    pub fn encode_message(&mut self, data: &[u8], binary: bool, out: &mut Vec<u8>) {
+        let mask = self.next_mask();
+        encode_frame(if binary { OP_BINARY } else { OP_TEXT }, data, mask, out);
+    }
+
+    /// Queues one message (a protocol-level pong) to go out with the control replies: it is
+    /// written by the next [`Self::poll_events`] or [`Self::poll_flush`].
+    pub fn queue_message(&mut self, data: &[u8], binary: bool) {
+        let mask = self.next_mask();
+        encode_frame(
+            if binary { OP_BINARY } else { OP_TEXT },
+            data,
+            mask,
+            &mut self.out,
+        );
+    }
+
+    /// Writes what is queued, as far as the socket takes it now (best effort: the rest goes
+    /// out on a later call, and the task is woken when the socket is writable again).
+    pub fn poll_flush(&mut self, cx: &mut TaskContext<'_>) {
+        while !self.out.is_empty() && !self.closed {
+            match Pin::new(&mut self.tcp).poll_write(cx, &self.out) {
+                Poll::Ready(Ok(n)) if n > 0 => {
+                    self.out.drain(..n);
+                }
+                _ => break,
+            }
+        }
+    }
+
     /// Appends one masked text frame carrying `text` to `out`, to be written with
     /// [`Self::write_all`] (several frames go out in one write).
     pub fn encode_text(&mut self, text: &[u8], out: &mut Vec<u8>) {
@@ -384,6 +433,12 @@ impl WsConn {
     /// When the last bytes were read ([`clock::now_ns`]).
     pub fn last_read_ns(&self) -> u64 {
         self.last_read_ns
+    }
+
+    /// Puts a message back in front of the ones [`Self::next_message`] and
+    /// [`Self::take_pending`] return (bytes a handshake read past its reply).
+    pub fn push_pending(&mut self, m: Message) {
+        self.pending.push_front(m);
     }
 
     /// Messages read during the handshake phase and not returned by [`Self::next_message`].

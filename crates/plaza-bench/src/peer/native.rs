@@ -196,7 +196,7 @@ impl SubscriberPeer for Native {
         })
     }
 
-    fn scan(&self, frame: &[u8], f: &mut dyn FnMut(Item<'_>)) {
+    fn scan(&self, frame: &[u8], f: &mut dyn FnMut(Item<'_>)) -> usize {
         // Several pushes may share a frame, one per line; JSON text has no raw newline.
         let mut rest = frame;
         while !rest.is_empty() {
@@ -209,6 +209,7 @@ impl SubscriberPeer for Native {
             }
             rest = next;
         }
+        frame.len()
     }
 }
 
@@ -237,7 +238,8 @@ mod tests {
                 Item::Control => Item::Control,
                 Item::Error => Item::Error,
                 Item::Malformed => Item::Malformed,
-            })
+                Item::Reply(r) => Item::Reply(r),
+            });
         });
         v
     }

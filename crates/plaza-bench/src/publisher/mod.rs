@@ -1,10 +1,13 @@
 //! Publishers: they send the numbered, time-stamped publications of a scenario, paced or windowed.
 //!
-//! [`http_api`] publishes through Plaza's backend HTTP API on one pipelined keep-alive
-//! connection. Peers with another publishing path (a NATS `PUB`, a Socket.IO emit) get their own
-//! module with the same [`Pace`] and [`PublishReport`].
+//! - [`http_api`]: an HTTP backend API on one pipelined keep-alive connection (Plaza's
+//!   `POST /api/publish`, Snorky's `POST /backend`),
+//! - [`ws_pub`]: a peer's client protocol on one WebSocket (NATS `PUB`, Socket.IO emits),
+//! - [`amqp`]: RabbitMQ publisher confirms (High-templar's trigger path).
 
+pub mod amqp;
 pub mod http_api;
+pub mod ws_pub;
 
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -33,7 +36,8 @@ impl Pace {
 pub struct PublishReport {
     /// Publications written to the server.
     pub sent: u64,
-    /// Publications the server accepted (HTTP 2xx).
+    /// Publications the server accepted (HTTP 2xx, a NATS `+OK`, a Socket.IO ack, a broker
+    /// confirm).
     pub ok: u64,
     /// Publications the server refused.
     pub refused: u64,

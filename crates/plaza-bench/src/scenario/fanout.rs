@@ -1,4 +1,6 @@
-//! Fan-out: S subscribers on one channel, P publications through the backend API.
+//! Fan-out: S subscribers on one channel, P publications through the server's publishing path
+//! (Plaza's backend API, a NATS `PUB`, a Socket.IO emit, Snorky's backend, RabbitMQ for
+//! High-templar).
 //!
 //! 1. The subscribers connect and subscribe, `--connect-concurrency` handshakes at a time; each
 //!    one is then handed to one of `--reader-tasks` tasks, which read all their connections
@@ -8,18 +10,18 @@
 //!    out-of-order) and, per unique delivery, its latency. The run ends when every expected
 //!    delivery arrived, when deliveries stop for `--drain-idle-secs`, or at the global deadline.
 
+use super::target::{self, PublishJob, TargetArgs};
 use super::{BenchReport, MachineReport, ServerReport};
 use crate::clock;
-use crate::http::{HttpTarget, request};
 use crate::payload;
-use crate::peer::{Item, SubscriberPeer, native};
+use crate::peer::{Item, SubscriberPeer};
 use crate::procfs::{self, ProcSample};
 use crate::progress;
-use crate::publisher::http_api::{self, HttpPublish, PublishProgress};
+use crate::publisher::http_api::PublishProgress;
 use crate::publisher::{Pace, PublishReport};
 use crate::stats::{LatencySummary, SeqEvent, SeqTracker};
 use crate::ws::{Event, Message, WsConn, WsTarget};
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use clap::Args;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use serde::Serialize;
@@ -39,15 +41,8 @@ const MAX_SAMPLES: u64 = 100_000_000;
 
 #[derive(Debug, Clone, Args)]
 pub struct FanoutArgs {
-    /// The native WebSocket endpoint.
-    #[arg(long, default_value = "ws://127.0.0.1:7700/plaza/ws")]
-    pub ws: String,
-    /// The backend API base URL.
-    #[arg(long, default_value = "http://127.0.0.1:7701")]
-    pub api: String,
-    /// The backend key (sent as `X-Plaza-Key`).
-    #[arg(long, env = "PLAZA_BACKEND_KEY", hide_env_values = true)]
-    pub key: String,
+    #[command(flatten)]
+    pub target: TargetArgs,
     /// The channel every subscriber joins.
     #[arg(long, default_value = "bench")]
     pub channel: String,
@@ -190,19 +185,19 @@ struct Live {
 
 /// What one subscriber received.
 #[derive(Debug, Default)]
-struct SubStats {
-    received: u64,
-    unique: u64,
-    duplicates: u64,
-    out_of_order: u64,
-    malformed: u64,
-    error_frames: u64,
-    frames: u64,
-    last_recv_ns: u64,
+pub(crate) struct SubStats {
+    pub received: u64,
+    pub unique: u64,
+    pub duplicates: u64,
+    pub out_of_order: u64,
+    pub malformed: u64,
+    pub error_frames: u64,
+    pub frames: u64,
+    pub last_recv_ns: u64,
 }
 
 impl SubStats {
-    fn add(&mut self, o: &SubStats) {
+    pub fn add(&mut self, o: &SubStats) {
         self.received += o.received;
         self.unique += o.unique;
         self.duplicates += o.duplicates;
@@ -221,14 +216,108 @@ enum Ended {
     Broken(String),
 }
 
+/// What one subscriber connection received, and what its protocol still owes the server.
+pub(crate) struct Recv {
+    pub tracker: SeqTracker,
+    pub samples: Vec<u64>,
+    pub stats: SubStats,
+    /// The incomplete end of a stream protocol's last frame.
+    pub carry: Vec<u8>,
+    /// Keep-alive answers to send.
+    pub replies: Vec<&'static [u8]>,
+    pub closed: Option<u16>,
+}
+
+/// Largest incomplete message kept between frames.
+const MAX_CARRY: usize = crate::ws::MAX_MESSAGE;
+
+impl Recv {
+    pub fn new(publications: u64, keep_samples: bool) -> Self {
+        Recv {
+            tracker: SeqTracker::new(publications),
+            samples: if keep_samples {
+                Vec::with_capacity(publications as usize)
+            } else {
+                Vec::new()
+            },
+            stats: SubStats::default(),
+            carry: Vec::new(),
+            replies: Vec::new(),
+            closed: None,
+        }
+    }
+
+    /// Accounts for one message received.
+    pub fn on_event(&mut self, peer: &dyn SubscriberPeer, ev: Event<'_>, now: u64) {
+        let frame = match ev {
+            Event::Text(t) => t,
+            Event::Binary(b) if peer.binary() => b,
+            Event::Binary(_) => {
+                self.stats.malformed += 1;
+                return;
+            }
+            Event::Close(code) => {
+                self.closed = Some(code.unwrap_or(1005));
+                return;
+            }
+        };
+        self.stats.frames += 1;
+        let Recv {
+            tracker,
+            samples,
+            stats,
+            carry,
+            replies,
+            ..
+        } = self;
+        let mut on_item = |item: Item<'_>| match item {
+            Item::Publication(data) => match payload::parse(data) {
+                Some((seq, sent)) => {
+                    stats.received += 1;
+                    match tracker.record(seq) {
+                        SeqEvent::InOrder => {
+                            stats.unique += 1;
+                            samples.push(now.saturating_sub(sent));
+                        }
+                        SeqEvent::OutOfOrder => {
+                            stats.unique += 1;
+                            stats.out_of_order += 1;
+                            samples.push(now.saturating_sub(sent));
+                        }
+                        SeqEvent::Duplicate => stats.duplicates += 1,
+                        SeqEvent::OutOfRange => stats.malformed += 1,
+                    }
+                }
+                None => stats.malformed += 1,
+            },
+            Item::Control => {}
+            Item::Error => stats.error_frames += 1,
+            Item::Malformed => stats.malformed += 1,
+            Item::Reply(r) => replies.push(r),
+        };
+        if !peer.stream() {
+            peer.scan(frame, &mut on_item);
+        } else if carry.is_empty() {
+            let used = peer.scan(frame, &mut on_item);
+            carry.extend_from_slice(&frame[used..]);
+        } else {
+            carry.extend_from_slice(frame);
+            let used = peer.scan(carry, &mut on_item);
+            carry.drain(..used);
+        }
+        if carry.len() > MAX_CARRY {
+            stats.malformed += 1;
+            carry.clear();
+        }
+    }
+}
+
 /// One subscriber connection and what it received. As a future it never completes: its reader
 /// task polls it when the socket is readable, and takes it back when the run ends.
 struct Subscriber {
     ws: WsConn,
     peer: Arc<dyn SubscriberPeer>,
-    tracker: SeqTracker,
-    samples: Vec<u64>,
-    stats: SubStats,
+    recv: Recv,
     live: Arc<Live>,
     ended: Option<Ended>,
 }
@@ -241,82 +330,29 @@ impl Subscriber {
         live: Arc<Live>,
     ) -> Self {
         let pending = ws.take_pending();
-        let mut sub = Subscriber {
-            ws,
-            peer,
-            tracker: SeqTracker::new(publications),
-            samples: Vec::with_capacity(publications as usize),
-            stats: SubStats::default(),
-            live,
-            ended: None,
-        };
+        let mut recv = Recv::new(publications, true);
         // Anything that came with the subscribe reply.
         let now = clock::now_ns();
-        let mut closed = None;
         for m in pending {
             let ev = match &m {
                 Message::Text(t) => Event::Text(t),
                 Message::Binary(b) => Event::Binary(b),
                 Message::Close(c) => Event::Close(*c),
             };
-            on_event(
-                &*sub.peer,
-                &mut sub.tracker,
-                &mut sub.samples,
-                &mut sub.stats,
-                &mut closed,
-                ev,
-                now,
-            );
+            recv.on_event(&*peer, ev, now);
         }
-        sub.live
-            .unique
-            .fetch_add(sub.stats.unique, Ordering::Relaxed);
-        sub.ended = closed.map(Ended::Closed);
-        sub
-    }
-}
-
-/// Accounts for one message received by a subscriber.
-fn on_event(
-    peer: &dyn SubscriberPeer,
-    tracker: &mut SeqTracker,
-    samples: &mut Vec<u64>,
-    stats: &mut SubStats,
-    closed: &mut Option<u16>,
-    ev: Event<'_>,
-    now: u64,
-) {
-    match ev {
-        Event::Text(text) => {
-            stats.frames += 1;
-            peer.scan(text, &mut |item| match item {
-                Item::Publication(data) => match payload::parse(data) {
-                    Some((seq, sent)) => {
-                        stats.received += 1;
-                        match tracker.record(seq) {
-                            SeqEvent::InOrder => {
-                                stats.unique += 1;
-                                samples.push(now.saturating_sub(sent));
-                            }
-                            SeqEvent::OutOfOrder => {
-                                stats.unique += 1;
-                                stats.out_of_order += 1;
-                                samples.push(now.saturating_sub(sent));
-                            }
-                            SeqEvent::Duplicate => stats.duplicates += 1,
-                            SeqEvent::OutOfRange => stats.malformed += 1,
-                        }
-                    }
-                    None => stats.malformed += 1,
-                },
-                Item::Control => {}
-                Item::Error => stats.error_frames += 1,
-                Item::Malformed => stats.malformed += 1,
-            });
+        for r in recv.replies.drain(..) {
+            ws.queue_message(r, peer.binary());
         }
-        Event::Binary(_) => stats.malformed += 1,
-        Event::Close(code) => *closed = Some(code.unwrap_or(1005)),
+        live.unique.fetch_add(recv.stats.unique, Ordering::Relaxed);
+        let ended = recv.closed.map(Ended::Closed);
+        Subscriber {
+            ws,
+            peer,
+            recv,
+            live,
+            ended,
+        }
     }
 }
 
@@ -328,28 +364,26 @@ impl Future for Subscriber {
         if this.ended.is_some() {
             return Poll::Pending;
         }
-        let unique_before = this.stats.unique;
-        let mut closed = None;
-        let Subscriber {
-            ws,
-            peer,
-            tracker,
-            samples,
-            stats,
-            ..
-        } = this;
-        let r = ws.poll_events(cx, &mut |ev, now| {
-            on_event(&**peer, tracker, samples, stats, &mut closed, ev, now)
-        });
-        if this.stats.unique != unique_before {
-            this.stats.last_recv_ns = this.ws.last_read_ns();
+        let unique_before = this.recv.stats.unique;
+        let Subscriber { ws, peer, recv, .. } = this;
+        let r = ws.poll_events(cx, &mut |ev, now| recv.on_event(&**peer, ev, now));
+        if !recv.replies.is_empty() {
+            for reply in recv.replies.drain(..) {
+                ws.queue_message(reply, peer.binary());
+            }
+            ws.poll_flush(cx);
+        }
+        if this.recv.stats.unique != unique_before {
+            this.recv.stats.last_recv_ns = this.ws.last_read_ns();
             this.live
                 .unique
-                .fetch_add(this.stats.unique - unique_before, Ordering::Relaxed);
+                .fetch_add(this.recv.stats.unique - unique_before, Ordering::Relaxed);
         }
         match r {
             Poll::Pending => {}
-            Poll::Ready(Ok(())) => this.ended = Some(Ended::Closed(closed.unwrap_or(1005))),
+            Poll::Ready(Ok(())) => {
+                this.ended = Some(Ended::Closed(this.recv.closed.unwrap_or(1005)))
+            }
             Poll::Ready(Err(e)) => this.ended = Some(Ended::Broken(e.to_string())),
         }
         // Never completes: the reader task keeps it until the end of the run.
@@ -409,16 +443,10 @@ pub async fn run(args: FanoutArgs, threads: usize) -> Result<FanoutReport> {
     let deadline = started + Duration::from_secs(args.timeout_secs);
     let progress_every = Duration::from_secs_f64(args.progress_secs);
     let _ = clock::base();
-    let target = HttpTarget::parse(&args.api)?;
-    let peer: Arc<dyn SubscriberPeer> = Arc::new(native::Native);
+    let peer = args.target.peer.subscriber();
 
-    // The backend must answer before we open a thousand connections.
-    let health = request(&target, "GET", "/healthz", &[], b"", Duration::from_secs(5))
-        .await
-        .context("GET /healthz on the backend")?;
-    if health.status != 200 {
-        bail!("GET /healthz answered {}", health.status);
-    }
+    // The server must answer before we open a thousand connections.
+    args.target.check().await?;
 
     let server_start = sample_server(args.server_pid);
     let live = Arc::new(Live::default());
@@ -447,7 +475,7 @@ pub async fn run(args: FanoutArgs, threads: usize) -> Result<FanoutReport> {
     let mut first_connect_error = None;
     let handshake_timeout = Duration::from_secs(10);
     let read_buffer = args.ws_read_buffer;
-    let ws_target = WsTarget::parse(&args.ws)?;
+    let ws_target = WsTarget::parse(&args.target.ws)?;
     let mut handshakes = futures_util::stream::iter(0..args.subscribers)
         .map(|_| {
             let (peer, target, channel) = (peer.clone(), &ws_target, args.channel.as_str());
@@ -511,15 +539,9 @@ pub async fn run(args: FanoutArgs, threads: usize) -> Result<FanoutReport> {
     let sampled_start = Instant::now();
 
     // 2. Publish.
-    let channel_json = serde_json::to_string(&args.channel)?;
-    let body =
-        move |data: &[u8], out: &mut Vec<u8>| native::api_publish_body(&channel_json, data, out);
-    let headers = [("X-Plaza-Key", args.key.as_str())];
-    let publish = HttpPublish {
-        target: &target,
-        path: "/api/publish",
-        headers: &headers,
-        body: &body,
+    let job = PublishJob {
+        target: &args.target,
+        channel: &args.channel,
         count: args.publications,
         payload_bytes: args.payload_bytes,
         pace,
@@ -546,7 +568,7 @@ pub async fn run(args: FanoutArgs, threads: usize) -> Result<FanoutReport> {
             ..Default::default()
         }
     } else {
-        http_api::run(&publish, &pub_progress).await
+        target::publish(&job, &pub_progress).await
     };
     if let Some(why) = &report.aborted {
         eprintln!("[fanout] publishing stopped: {why}");
@@ -596,14 +618,14 @@ pub async fn run(args: FanoutArgs, threads: usize) -> Result<FanoutReport> {
     }
 
     // Merge.
-    let mut samples = Vec::with_capacity(subs.iter().map(|s| s.samples.len()).sum());
+    let mut samples = Vec::with_capacity(subs.iter().map(|s| s.recv.samples.len()).sum());
     let mut m = SubStats::default();
     let (mut close_codes, mut dropped, mut complete) = (BTreeMap::new(), 0u64, 0u64);
     let (mut stream_errors, mut first_stream_error) = (0u64, None);
     for sub in &mut subs {
-        samples.append(&mut sub.samples);
-        m.add(&sub.stats);
-        complete += u64::from(sub.tracker.complete());
+        samples.append(&mut sub.recv.samples);
+        m.add(&sub.recv.stats);
+        complete += u64::from(sub.recv.tracker.complete());
         match sub.ended.take() {
             None => {}
             Some(Ended::Closed(code)) => {

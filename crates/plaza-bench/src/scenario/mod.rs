@@ -11,6 +11,7 @@
 
 pub mod fanout;
 pub mod publish;
+pub mod target;
 
 use serde::Serialize;
 
