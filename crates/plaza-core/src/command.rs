@@ -38,6 +38,19 @@ pub enum Command {
     PresenceStats {
         channel: String,
     },
+    /// Redeems a live-view token the app obtained from `/api/live/authorize`.
+    LiveSubscribe {
+        token: String,
+    },
+    /// Opens a live view with the client's own query, where the dealer allows it.
+    LiveSubscribeQuery {
+        dealer: String,
+        query: Payload,
+    },
+    /// Ends a live view.
+    LiveCancel {
+        subscription: String,
+    },
     /// Application-level ping: answered with an empty result.
     Ping,
 }
@@ -52,6 +65,9 @@ impl Command {
             Command::Publish { .. } => "publish",
             Command::Presence { .. } => "presence",
             Command::PresenceStats { .. } => "presence_stats",
+            Command::LiveSubscribe { .. } => "live_subscribe",
+            Command::LiveSubscribeQuery { .. } => "live_subscribe_query",
+            Command::LiveCancel { .. } => "live_cancel",
             Command::Ping => "ping",
         }
     }
@@ -80,6 +96,8 @@ pub enum Outcome {
     Presence(Vec<crate::presence::ClientInfo>),
     /// Connections and distinct users present in a channel.
     PresenceStats { clients: usize, users: usize },
+    /// Live views opened, by subscription id, in the order of the request's items.
+    LiveSubscribed(Vec<u64>),
 }
 
 /// What a subscriber learns about a channel with history.

@@ -65,6 +65,12 @@ struct Params<'a> {
     since: Option<&'a RawValue>,
     #[serde(borrow)]
     token: Option<&'a RawValue>,
+    #[serde(borrow)]
+    dealer: Option<&'a RawValue>,
+    #[serde(borrow)]
+    query: Option<&'a RawValue>,
+    #[serde(borrow)]
+    subscription: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -130,6 +136,19 @@ pub fn decode(text: &str) -> Result<Request, DecodeError> {
         },
         "presence_stats" => Command::PresenceStats {
             channel: required_string(params.channel, "channel").map_err(with_id)?,
+        },
+        "live_subscribe" => Command::LiveSubscribe {
+            token: required_string(params.token, "token").map_err(with_id)?,
+        },
+        "live_subscribe_query" => Command::LiveSubscribeQuery {
+            dealer: required_string(params.dealer, "dealer").map_err(with_id)?,
+            query: params
+                .query
+                .map(Payload::from_raw)
+                .ok_or_else(|| with_id(bad("missing field 'params.query'")))?,
+        },
+        "live_cancel" => Command::LiveCancel {
+            subscription: required_string(params.subscription, "subscription").map_err(with_id)?,
         },
         "ping" => Command::Ping,
         other => {
@@ -215,6 +234,14 @@ pub fn encode_reply(id: &RequestId, outcome: &Result<Outcome, ReplyError>) -> St
                 list.join(",")
             )
         }
+        Ok(Outcome::LiveSubscribed(ids)) => {
+            let ids: Vec<String> = ids.iter().map(|id| format!("\"{id}\"")).collect();
+            format!(
+                "{{\"id\":{},\"result\":{{\"subscriptions\":[{}]}}}}",
+                id.as_json(),
+                ids.join(",")
+            )
+        }
         Ok(Outcome::PresenceStats { clients, users }) => format!(
             "{{\"id\":{},\"result\":{{\"num_clients\":{clients},\"num_users\":{users}}}}}",
             id.as_json()
@@ -296,6 +323,14 @@ pub fn encode_presence_event(channel: &str, event: &PresenceEvent) -> String {
         "{{\"push\":\"{kind}\",\"channel\":{},\"info\":{}}}",
         json_string(channel),
         client_json(client)
+    )
+}
+
+/// `{"push":"live_cancelled","subscription":"7","reason":"..."}`: the server ended a live view.
+pub fn encode_live_cancelled(subscription: u64, reason: &str) -> String {
+    format!(
+        "{{\"push\":\"live_cancelled\",\"subscription\":\"{subscription}\",\"reason\":{}}}",
+        json_string(reason)
     )
 }
 
@@ -527,6 +562,37 @@ mod tests {
         assert_eq!(
             encode_reply(&id, &Ok(Outcome::Subscribed(info))),
             r#"{"id":"req-1","result":{"epoch":"ab","offset":9,"recovered":false}}"#
+        );
+    }
+
+    #[test]
+    fn live_methods() {
+        assert_eq!(
+            ok(r#"{"id":1,"method":"live_subscribe","params":{"token":"ab"}}"#).command,
+            Command::LiveSubscribe { token: "ab".into() }
+        );
+        match ok(r#"{"id":1,"method":"live_subscribe_query","params":{"dealer":"d","query":["==","a",1]}}"#).command {
+            Command::LiveSubscribeQuery { dealer, query } => {
+                assert_eq!((dealer.as_str(), query.as_str()), ("d", r#"["==","a",1]"#));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            err(r#"{"id":1,"method":"live_subscribe_query","params":{"dealer":"d"}}"#)
+                .error
+                .message,
+            "missing field 'params.query'"
+        );
+        assert_eq!(
+            ok(r#"{"id":1,"method":"live_cancel","params":{"subscription":"7"}}"#).command,
+            Command::LiveCancel {
+                subscription: "7".into()
+            }
+        );
+        let id = ok(r#"{"id":1,"method":"ping"}"#).id;
+        assert_eq!(
+            encode_reply(&id, &Ok(Outcome::LiveSubscribed(vec![3, 4]))),
+            r#"{"id":1,"result":{"subscriptions":["3","4"]}}"#
         );
     }
 

@@ -37,6 +37,8 @@ pub fn router(node: Arc<Node>, key: Arc<str>) -> Router {
         .route("/api/history", get(history))
         .route("/api/presence", get(presence))
         .route("/api/disconnect", post(disconnect))
+        .route("/api/live/authorize", post(live_authorize))
+        .route("/api/deltas", post(deltas))
         .route("/api/presence_stats", get(presence_stats))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
     Router::new()
@@ -134,6 +136,8 @@ async fn count_requests(State(state): State<ApiState>, request: Request, next: N
         Some("/api/history") => "/api/history",
         Some("/api/presence") => "/api/presence",
         Some("/api/disconnect") => "/api/disconnect",
+        Some("/api/live/authorize") => "/api/live/authorize",
+        Some("/api/deltas") => "/api/deltas",
         Some("/api/presence_stats") => "/api/presence_stats",
         Some("/metrics") => "/metrics",
         Some("/healthz") => "/healthz",
@@ -360,6 +364,90 @@ async fn history(
 }
 
 #[derive(Deserialize)]
+struct AuthorizeItem {
+    dealer: String,
+    query: serde_json::Value,
+}
+
+#[derive(Deserialize)]
+struct AuthorizeBody {
+    items: Vec<AuthorizeItem>,
+    /// When set, only a connection of this user may redeem the token.
+    user: Option<String>,
+}
+
+/// Grants live views under one single-use token for the app to hand to its client.
+async fn live_authorize(
+    State(state): State<ApiState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = read_body(body)?;
+    let req: AuthorizeBody = parse_json(&body)?;
+    let max = state.node.settings.limits.max_channels_per_connection;
+    if req.items.is_empty() || req.items.len() > max {
+        return Err(invalid(format!("items must hold 1 to {max} entries")));
+    }
+    let items: Vec<(String, serde_json::Value)> =
+        req.items.into_iter().map(|i| (i.dealer, i.query)).collect();
+    let token = crate::backend_key::random_hex(16).map_err(|e| internal_error(e.to_string()))?;
+    let live = &state.node.live;
+    let token = live
+        .authorize(&items, req.user, token, std::time::Instant::now())
+        .map_err(|e| invalid(e.to_string()))?;
+    Ok(axum::Json(serde_json::json!({
+        "token": token,
+        "expires_in": live.token_ttl().as_secs(),
+    }))
+    .into_response())
+}
+
+/// Routes the app's changes to the live views: the whole batch is checked first.
+async fn deltas(
+    State(state): State<ApiState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = read_body(body)?;
+    let value: serde_json::Value =
+        serde_json::from_slice(&body).map_err(|e| invalid(format!("invalid JSON: {e}")))?;
+    let items = match value {
+        serde_json::Value::Array(items) => items,
+        serde_json::Value::Object(mut object) => match object.remove("deltas") {
+            Some(serde_json::Value::Array(items)) => items,
+            _ => {
+                return Err(invalid(
+                    "the body must be a list of deltas or {\"deltas\": [...]}",
+                ));
+            }
+        },
+        _ => {
+            return Err(invalid(
+                "the body must be a list of deltas or {\"deltas\": [...]}",
+            ));
+        }
+    };
+    let batch = plaza_core::live::parse_batch(items).map_err(|e| invalid(e.to_string()))?;
+    let delivered = state.node.live.route(&batch);
+    state
+        .node
+        .hub
+        .metrics
+        .deliveries_total
+        .fetch_add(delivered, std::sync::atomic::Ordering::Relaxed);
+    Ok(
+        axum::Json(serde_json::json!({"deltas": batch.len(), "deliveries": delivered}))
+            .into_response(),
+    )
+}
+
+fn internal_error(message: String) -> ApiError {
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        ErrorCode::Internal,
+        message,
+    )
+}
+
+#[derive(Deserialize)]
 struct DisconnectBody {
     user: String,
 }
@@ -470,6 +558,7 @@ async fn info(State(state): State<ApiState>) -> Response {
         "connections": node.hub.connection_count(),
         "subscriptions": metrics.subscriptions.load(std::sync::atomic::Ordering::Relaxed),
         "channels": node.hub.channel_count(),
+        "live_views": node.live.len(),
     }))
     .into_response()
 }

@@ -14,6 +14,7 @@ use plaza_core::{AccessPolicy, Limits, NamespaceOptions, Namespaces};
 use serde::{Deserialize, Serialize};
 
 use crate::auth::AuthConfig;
+use crate::live::LiveConfig;
 use crate::node::Settings;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -50,6 +51,8 @@ pub struct Config {
     pub limits: Limits,
     /// Who connections are: tokens the app signs, or asking the app.
     pub auth: AuthConfig,
+    /// Live views of the app's models: dealers and tokens.
+    pub live: LiveConfig,
     /// Options of channels without a namespace.
     pub default_namespace: NamespaceOptions,
     /// Options per namespace: `[namespaces.chat]` for `chat:...` channels.
@@ -73,6 +76,7 @@ impl Default for Config {
             tcp_send_buffer_size: None,
             limits: Limits::default(),
             auth: AuthConfig::default(),
+            live: LiveConfig::default(),
             default_namespace: NamespaceOptions::default(),
             namespaces: BTreeMap::new(),
         }
@@ -232,6 +236,9 @@ impl Config {
         self.auth
             .validate()
             .map_err(|e| ConfigError::Invalid(format!("auth: {e}")))?;
+        self.live
+            .validate()
+            .map_err(|e| ConfigError::Invalid(format!("live: {e}")))?;
         let namespaces = std::iter::once(("default_namespace".to_owned(), &self.default_namespace))
             .chain(
                 self.namespaces

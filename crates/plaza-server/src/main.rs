@@ -7,6 +7,7 @@ mod config;
 mod conn;
 mod hub;
 mod keepalive;
+mod live;
 mod metrics;
 mod node;
 mod server;

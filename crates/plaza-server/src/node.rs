@@ -18,6 +18,7 @@ use tokio::sync::OnceCell;
 
 use crate::auth::Auth;
 use crate::hub::Hub;
+use crate::live::Live;
 
 /// The settings the node enforces, taken from the configuration.
 #[derive(Debug, Clone)]
@@ -43,6 +44,7 @@ struct Remembered {
 pub struct Node {
     pub hub: Arc<Hub>,
     pub auth: Auth,
+    pub live: Live,
     pub broker: Arc<dyn Broker>,
     pub store: Arc<dyn Store>,
     pub settings: Settings,
@@ -58,7 +60,13 @@ pub const MAX_IDEMPOTENCY_KEY: usize = 256;
 
 impl Node {
     /// A single node: the local broker, and `store` for history.
-    pub fn local(settings: Settings, id: String, store: Arc<dyn Store>, auth: Auth) -> Arc<Self> {
+    pub fn local(
+        settings: Settings,
+        id: String,
+        store: Arc<dyn Store>,
+        auth: Auth,
+        live: Live,
+    ) -> Arc<Self> {
         let hub = Arc::new(Hub::default());
         let broker = Arc::new(LocalBroker::new(hub.clone()));
         // Publications of channels with history are delivered by the store, in offset order.
@@ -66,6 +74,7 @@ impl Node {
         Arc::new(Self {
             hub,
             auth,
+            live,
             broker,
             store,
             settings,

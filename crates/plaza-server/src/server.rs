@@ -18,6 +18,7 @@ use tokio::sync::watch;
 use crate::auth::Auth;
 use crate::backend_key::{self, KeySource};
 use crate::config::Config;
+use crate::live::Live;
 use crate::node::Node;
 use crate::{api, keepalive, ws};
 
@@ -56,7 +57,14 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     if auth.anonymous {
         tracing::info!("anonymous connections are allowed");
     }
-    let node = Node::local(config.settings(), node_id.clone(), store.clone(), auth);
+    let live = Live::from_config(&config.live).map_err(|e| anyhow::anyhow!("live: {e}"))?;
+    let node = Node::local(
+        config.settings(),
+        node_id.clone(),
+        store.clone(),
+        auth,
+        live,
+    );
 
     let public = Router::new()
         .route(&config.native_path, get(ws::upgrade))
@@ -142,6 +150,10 @@ async fn maintenance(node: Arc<Node>) {
     loop {
         ticker.tick().await;
         node.expire_idempotency_keys(Instant::now());
+        let expired = node.live.expire(Instant::now());
+        if expired > 0 {
+            tracing::debug!(expired, "live tokens expired before they were redeemed");
+        }
         match node.store.trim_expired(std::time::SystemTime::now()).await {
             Ok(0) => {}
             Ok(n) => tracing::debug!(removed = n, "history trimmed by age"),

@@ -3,6 +3,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::time::Instant;
 
 use plaza_core::{
     AccessPolicy, ChannelName, ClientInfo, CloseCode, Command, ConnectInfo, ErrorCode,
@@ -15,6 +16,7 @@ use crate::auth::app::{
 use crate::auth::jwt::unix_now;
 use crate::conn::ConnHandle;
 use crate::hub::Subscriber;
+use crate::live::{ClientSubscribeError, LiveSub};
 use crate::node::{Node, Published};
 
 /// What a command produced: the outcome to reply with and, for a subscribe to a channel with
@@ -29,6 +31,8 @@ pub struct Handled {
     pub recoveries: Vec<Recovery>,
     /// Close the connection with this code once the reply is written.
     pub close_after: Option<CloseCode>,
+    /// Live views to attach once the reply is queued (their waiting deltas follow it).
+    pub attach_live: Vec<Arc<LiveSub>>,
 }
 
 /// A reply that resolves later; whoever awaits it counts its error.
@@ -64,6 +68,10 @@ pub struct Session {
     close_after: Option<CloseCode>,
     /// Subscriptions made by the command being executed, for [`Handled::recoveries`].
     recoveries: Vec<Recovery>,
+    /// Live views open on this connection.
+    live: HashSet<u64>,
+    /// Redeemed by the command being executed, for [`Handled::attach_live`].
+    attach_live: Vec<Arc<LiveSub>>,
 }
 
 /// A publish's result: now, or once durable.
@@ -84,6 +92,8 @@ impl Session {
             forwarded,
             close_after: None,
             recoveries: Vec::new(),
+            live: HashSet::new(),
+            attach_live: Vec::new(),
         }
     }
 
@@ -115,6 +125,7 @@ impl Session {
             pending,
             recoveries: std::mem::take(&mut self.recoveries),
             close_after: self.close_after.take(),
+            attach_live: std::mem::take(&mut self.attach_live),
         }
     }
 
@@ -171,6 +182,51 @@ impl Session {
                     .presence_stats(options, channel.as_str())
                     .map(|(clients, users)| Outcome::PresenceStats { clients, users })
                     .ok_or_else(|| no_presence(&channel))
+            }
+            Command::LiveSubscribe { token } => {
+                self.live_room(1)?;
+                let subs = self
+                    .node
+                    .live
+                    .redeem(&token, &self.user, Instant::now())
+                    .map_err(|e| ReplyError::new(ErrorCode::PermissionDenied, e.to_string()))?;
+                let ids: Vec<u64> = subs.iter().map(|s| s.id).collect();
+                self.live.extend(ids.iter().copied());
+                self.attach_live = subs;
+                Ok(Outcome::LiveSubscribed(ids))
+            }
+            Command::LiveSubscribeQuery { dealer, query } => {
+                self.live_room(1)?;
+                let query: serde_json::Value = serde_json::from_str(query.as_str())
+                    .map_err(|e| ReplyError::new(ErrorCode::BadRequest, e.to_string()))?;
+                let id = self
+                    .node
+                    .live
+                    .subscribe(&dealer, &query, &self.conn)
+                    .map_err(|e| match e {
+                        ClientSubscribeError::NotOpen(_) => {
+                            ReplyError::new(ErrorCode::PermissionDenied, e.to_string())
+                        }
+                        ClientSubscribeError::Live(_) => {
+                            ReplyError::new(ErrorCode::BadRequest, e.to_string())
+                        }
+                    })?;
+                self.live.insert(id);
+                Ok(Outcome::LiveSubscribed(vec![id]))
+            }
+            Command::LiveCancel { subscription } => {
+                let id = subscription
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|id| self.live.remove(id))
+                    .ok_or_else(|| {
+                        ReplyError::new(
+                            ErrorCode::NotSubscribed,
+                            format!("no live view '{subscription}' on this connection"),
+                        )
+                    })?;
+                self.node.live.cancel(id);
+                Ok(Outcome::Done)
             }
             Command::Ping | Command::Connect { .. } => Ok(Outcome::Done),
         }
@@ -460,6 +516,18 @@ impl Session {
         }
     }
 
+    /// Refuses a new live view when the connection already holds its maximum.
+    fn live_room(&self, adding: usize) -> Result<(), ReplyError> {
+        let max = self.node.settings.limits.max_channels_per_connection;
+        if self.live.len() + adding > max {
+            return Err(ReplyError::new(
+                ErrorCode::LimitExceeded,
+                format!("a connection may hold at most {max} live views"),
+            ));
+        }
+        Ok(())
+    }
+
     /// Resolves a channel this connection is subscribed to: presence is for members only.
     fn subscribed(&self, name: &str) -> Result<(ChannelName, &NamespaceOptions), ReplyError> {
         let (channel, options) = self.node.resolve_channel(name)?;
@@ -574,8 +642,11 @@ impl Session {
         }
     }
 
-    /// Drops every subscription. Called once when the connection ends.
+    /// Drops every subscription and live view. Called once when the connection ends.
     pub async fn end(mut self) {
+        for id in std::mem::take(&mut self.live) {
+            self.node.live.cancel(id);
+        }
         for channel in std::mem::take(&mut self.channels) {
             self.leave(&channel).await;
         }

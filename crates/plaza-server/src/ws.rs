@@ -75,7 +75,7 @@ async fn run(node: Arc<Node>, socket: WebSocket, forwarded: Forwarded) {
 
 async fn read_loop(
     node: &Node,
-    conn: &ConnHandle,
+    conn: &Arc<ConnHandle>,
     session: &mut Session,
     mut stream: SplitStream<WebSocket>,
 ) {
@@ -116,23 +116,30 @@ async fn read_loop(
                 metrics
                     .bytes_received_total
                     .fetch_add(text.len() as u64, Relaxed);
-                let (reply, recoveries, close_after) = match native::decode(text.as_str()) {
-                    Ok(request) => {
-                        let handled = session.handle(request.command).await;
-                        if let Some(later) = handled.pending {
-                            let id = request.id;
-                            pending.push(Box::pin(async move { (id, later.await) }));
-                            continue;
+                let (reply, recoveries, close_after, attach_live) =
+                    match native::decode(text.as_str()) {
+                        Ok(request) => {
+                            let handled = session.handle(request.command).await;
+                            if let Some(later) = handled.pending {
+                                let id = request.id;
+                                pending.push(Box::pin(async move { (id, later.await) }));
+                                continue;
+                            }
+                            let reply = native::encode_reply(&request.id, &handled.outcome);
+                            (
+                                reply,
+                                handled.recoveries,
+                                handled.close_after,
+                                handled.attach_live,
+                            )
                         }
-                        let reply = native::encode_reply(&request.id, &handled.outcome);
-                        (reply, handled.recoveries, handled.close_after)
-                    }
-                    Err(e) => (
-                        native::encode_error(e.id.as_ref(), &node.count(e.error)),
-                        Vec::new(),
-                        None,
-                    ),
-                };
+                        Err(e) => (
+                            native::encode_error(e.id.as_ref(), &node.count(e.error)),
+                            Vec::new(),
+                            None,
+                            Vec::new(),
+                        ),
+                    };
                 // The reply goes first: with the first new subscription's recovered
                 // publications if there is one, otherwise alone.
                 let mut reply = Some(Utf8Bytes::from(reply));
@@ -151,6 +158,15 @@ async fn read_loop(
                 if let Some(reply) = reply {
                     // A refused reply means the connection is closing; the writer ends it.
                     let _ = conn.push_text(reply);
+                }
+                for sub in attach_live {
+                    if !sub.attach(conn) {
+                        node.live.cancel(sub.id);
+                        let _ = conn.push_text(Utf8Bytes::from(native::encode_live_cancelled(
+                            sub.id,
+                            "too many deltas waited for this view; authorize it again",
+                        )));
+                    }
                 }
                 if let Some(code) = close_after {
                     conn.close_after_queue(code);
