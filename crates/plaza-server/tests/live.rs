@@ -98,7 +98,7 @@ async fn granted_views_buffer_until_redeemed_then_go_live() {
         "oldData": player(1, "blue", "red"), "newData": player(1, "green", "red")}]}),
     )
     .await;
-    let mut got = vec![c.next_json().await, c.next_json().await];
+    let mut got = [c.next_json().await, c.next_json().await];
     got.sort_by_key(|v| v["subscription"].as_str().unwrap().to_owned());
     let kinds: Vec<(Value, Value)> = got
         .iter()
@@ -186,7 +186,7 @@ async fn broadcast_and_client_queries() {
         json!([{"type": "insert", "model": "Player", "data": player(12, "blue", "x")}]),
     )
     .await;
-    let mut subs = vec![
+    let mut subs = [
         c.next_json().await["subscription"].clone(),
         c.next_json().await["subscription"].clone(),
     ];
