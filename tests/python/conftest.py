@@ -25,6 +25,11 @@ ping_interval_secs = 0
 client_publish = true
 [namespaces.feed]
 client_publish = false
+[live]
+[[live.dealers]]
+name = "players"
+model = "Player"
+kind = "filter"
 """
 
 
