@@ -59,6 +59,21 @@ impl ChannelName {
         })
     }
 
+    /// A stream the server keeps for itself (a user's inbox, a conversation), named `kind` and
+    /// `id`. The name holds a control character, which [`ChannelName::parse`] refuses, so no
+    /// client can subscribe or publish to it.
+    pub fn internal(kind: &str, id: &str) -> Self {
+        Self {
+            full: Arc::from(format!("\u{1}{kind}\u{1}{id}")),
+            ns_len: 0,
+        }
+    }
+
+    /// Whether this name came from [`ChannelName::internal`].
+    pub fn is_internal(&self) -> bool {
+        self.full.starts_with('\u{1}')
+    }
+
     /// The whole name, as the client wrote it.
     pub fn as_str(&self) -> &str {
         &self.full
@@ -134,6 +149,14 @@ mod tests {
             ChannelName::parse("chat:", 255),
             Err(ChannelNameError::EmptyChannel("chat".into()))
         );
+    }
+
+    #[test]
+    fn internal_names_cannot_be_written_by_clients() {
+        let inbox = ChannelName::internal("inbox", "42");
+        assert!(inbox.is_internal());
+        assert!(ChannelName::parse(inbox.as_str(), 255).is_err());
+        assert!(!ChannelName::parse("inbox:42", 255).unwrap().is_internal());
     }
 
     #[test]

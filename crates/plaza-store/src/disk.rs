@@ -41,12 +41,14 @@ use crate::clock::{duration_ms, unix_ms};
 use crate::stream::{self, expired, plan_append, plan_read};
 use crate::{
     AppendListener, BoxFuture, Clock, Position, ReadResult, Store, StoreError, StoreStats,
-    StreamOptions, SystemClock,
+    StreamOptions, SystemClock, WriteBatch, WriteOutcome,
 };
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("stream_meta");
 const ENTRIES: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("stream_entries");
 const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
+/// The key-value table of [`WriteBatch::kv`].
+const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("kv");
 const NEXT_STREAM_ID: &str = "next_stream_id";
 
 /// Most requests in one transaction. Bounds the latency a single commit adds for its first waiter
@@ -95,6 +97,10 @@ enum Request {
         now_ms: u64,
         reply: oneshot::Sender<Result<u64, StoreError>>,
     },
+    Write {
+        batch: WriteBatch,
+        reply: oneshot::Sender<Result<WriteOutcome, StoreError>>,
+    },
 }
 
 impl RedbStore {
@@ -124,6 +130,7 @@ impl RedbStore {
             txn.open_table(META)?;
             txn.open_table(ENTRIES)?;
             txn.open_table(COUNTERS)?;
+            txn.open_table(KV)?;
             txn.commit()?;
             Ok(db)
         })
@@ -170,7 +177,7 @@ impl RedbStore {
     }
 
     /// Queues a request for the writer now, and returns the future of its answer.
-    fn write<T: Send + 'static>(
+    fn enqueue<T: Send + 'static>(
         &self,
         request: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Request,
     ) -> BoxFuture<'static, Result<T, StoreError>> {
@@ -217,7 +224,7 @@ impl Store for RedbStore {
         options: StreamOptions,
     ) -> BoxFuture<'static, Result<Position, StoreError>> {
         let channel = channel.as_arc().clone();
-        self.write(move |reply| Request::Append {
+        self.enqueue(move |reply| Request::Append {
             channel,
             payload,
             options,
@@ -245,7 +252,7 @@ impl Store for RedbStore {
                     return Ok(result);
                 }
                 let ch = channel.clone();
-                self.write(move |reply| Request::Create { channel: ch, reply })
+                self.enqueue(move |reply| Request::Create { channel: ch, reply })
                     .await?;
             }
             Err(StoreError::Corrupt(format!(
@@ -269,7 +276,41 @@ impl Store for RedbStore {
 
     fn trim_expired(&self, now: SystemTime) -> BoxFuture<'_, Result<u64, StoreError>> {
         let now_ms = unix_ms(now);
-        self.write(move |reply| Request::TrimExpired { now_ms, reply })
+        self.enqueue(move |reply| Request::TrimExpired { now_ms, reply })
+    }
+
+    fn write(&self, batch: WriteBatch) -> BoxFuture<'static, Result<WriteOutcome, StoreError>> {
+        self.enqueue(move |reply| Request::Write { batch, reply })
+    }
+
+    fn kv_get(&self, key: &str) -> BoxFuture<'_, Result<Option<Vec<u8>>, StoreError>> {
+        let key = key.to_owned();
+        Box::pin(self.blocking(move |db| {
+            let txn = db.begin_read()?;
+            let kv = txn.open_table(KV)?;
+            Ok(kv.get(key.as_str())?.map(|v| v.value().to_vec()))
+        }))
+    }
+
+    fn kv_scan(
+        &self,
+        prefix: &str,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<(String, Vec<u8>)>, StoreError>> {
+        let prefix = prefix.to_owned();
+        Box::pin(self.blocking(move |db| {
+            let txn = db.begin_read()?;
+            let kv = txn.open_table(KV)?;
+            let mut found = Vec::new();
+            for item in kv.range(prefix.as_str()..)? {
+                let (key, value) = item?;
+                if !key.value().starts_with(prefix.as_str()) || found.len() >= limit {
+                    break;
+                }
+                found.push((key.value().to_owned(), value.value().to_vec()));
+            }
+            Ok(found)
+        }))
     }
 
     fn set_listener(&self, listener: Arc<dyn AppendListener>) -> bool {
@@ -327,6 +368,11 @@ enum Reply {
         oneshot::Sender<Result<u64, StoreError>>,
         Result<u64, StoreError>,
     ),
+    Write(
+        oneshot::Sender<Result<WriteOutcome, StoreError>>,
+        Result<WriteOutcome, StoreError>,
+        /* the appended publications, for the listener */ Vec<(Arc<str>, Payload)>,
+    ),
 }
 
 impl Reply {
@@ -334,17 +380,31 @@ impl Reply {
         match self {
             Reply::Position(tx, _, append) => Reply::Position(tx, Err(error.clone()), append),
             Reply::Count(tx, _) => Reply::Count(tx, Err(error.clone())),
+            Reply::Write(tx, _, _) => Reply::Write(tx, Err(error.clone()), Vec::new()),
         }
     }
 
-    fn is_successful_append(&self) -> bool {
-        matches!(self, Reply::Position(_, Ok(_), Some(_)))
+    /// How many publications this reply's request appended.
+    fn appended(&self) -> usize {
+        match self {
+            Reply::Position(_, Ok(_), Some(_)) => 1,
+            Reply::Write(_, Ok(WriteOutcome::Written(positions)), _) => positions.len(),
+            _ => 0,
+        }
     }
 
     /// Tells the listener about a successful append.
     fn notify(&self, listener: &dyn AppendListener) {
-        if let Reply::Position(_, Ok(position), Some((channel, payload))) = self {
-            listener.appended(channel, position, payload);
+        match self {
+            Reply::Position(_, Ok(position), Some((channel, payload))) => {
+                listener.appended(channel, position, payload);
+            }
+            Reply::Write(_, Ok(WriteOutcome::Written(positions)), appended) => {
+                for (position, (stream, payload)) in positions.iter().zip(appended) {
+                    listener.appended(stream, position, payload);
+                }
+            }
+            _ => {}
         }
     }
 
@@ -353,6 +413,7 @@ impl Reply {
         match self {
             Reply::Position(tx, result, _) => drop(tx.send(result)),
             Reply::Count(tx, result) => drop(tx.send(result)),
+            Reply::Write(tx, result, _) => drop(tx.send(result)),
         }
     }
 }
@@ -363,6 +424,7 @@ impl Request {
             Request::Append { reply, .. } => Reply::Position(reply, Err(error.clone()), None),
             Request::Create { reply, .. } => Reply::Position(reply, Err(error.clone()), None),
             Request::TrimExpired { reply, .. } => Reply::Count(reply, Err(error.clone())),
+            Request::Write { reply, .. } => Reply::Write(reply, Err(error.clone()), Vec::new()),
         }
     }
 }
@@ -384,7 +446,7 @@ fn commit_batch(
             if committed {
                 counters.commits.fetch_add(1, Ordering::Relaxed);
             }
-            let appended = replies.iter().filter(|r| r.is_successful_append()).count();
+            let appended: usize = replies.iter().map(Reply::appended).sum();
             counters
                 .appends
                 .fetch_add(appended as u64, Ordering::Relaxed);
@@ -427,6 +489,7 @@ fn write_batch(
             meta: txn.open_table(META)?,
             entries: txn.open_table(ENTRIES)?,
             counters: txn.open_table(COUNTERS)?,
+            kv: txn.open_table(KV)?,
             touched: HashMap::new(),
         };
         for request in requests.by_ref() {
@@ -456,6 +519,23 @@ fn write_batch(
                         return Err(fatal);
                     }
                 },
+                Request::Write { batch, reply } => {
+                    let appended: Vec<(Arc<str>, Payload)> = batch
+                        .appends
+                        .iter()
+                        .map(|a| (a.stream.as_arc().clone(), a.payload.clone()))
+                        .collect();
+                    match tables.write(batch, now_ms) {
+                        Ok(result) => {
+                            changed |= matches!(result, Ok(WriteOutcome::Written(_)));
+                            replies.push(Reply::Write(reply, result, appended));
+                        }
+                        Err(fatal) => {
+                            replies.push(Reply::Write(reply, Err(fatal.clone()), Vec::new()));
+                            return Err(fatal);
+                        }
+                    }
+                }
                 Request::TrimExpired { now_ms, reply } => {
                     match tables.flush().and_then(|()| tables.trim_expired(now_ms)) {
                         Ok((removed, damage)) => {
@@ -486,6 +566,7 @@ struct Tables<'txn> {
     meta: Table<'txn, &'static str, &'static [u8]>,
     entries: Table<'txn, (u64, u64), &'static [u8]>,
     counters: Table<'txn, &'static str, u64>,
+    kv: Table<'txn, &'static str, &'static [u8]>,
     /// Streams appended to in this batch: their metadata is read once and written once per
     /// batch ([`Tables::flush`]), and entries pushed out by `max_len` are removed as one range,
     /// instead of a read, a write and a delete per append.
@@ -572,6 +653,61 @@ impl Tables<'_> {
         meta.first = plan.first;
         meta.ttl_ms = options.ttl.map(duration_ms);
         Ok(Ok(meta.position()))
+    }
+
+    /// One [`WriteBatch`]: checked, then every stream loaded (or created), so a damaged stream
+    /// fails the request before anything of it is written; then the appends and the key-value
+    /// writes.
+    fn write(&mut self, batch: WriteBatch, now_ms: u64) -> Nested<WriteOutcome> {
+        if let Err(e) = batch.validate() {
+            return Ok(Err(e));
+        }
+        if let Some(key) = &batch.unless_exists
+            && let Some(value) = self.kv.get(key.as_str())?
+        {
+            return Ok(Ok(WriteOutcome::Exists(value.value().to_vec())));
+        }
+        for append in &batch.appends {
+            let channel = append.stream.as_str();
+            if self.touched.contains_key(channel) {
+                continue;
+            }
+            let meta = match self.load(channel)? {
+                Ok(Some(meta)) => meta,
+                Ok(None) => match self.new_stream()? {
+                    Ok(meta) => meta,
+                    Err(e) => return Ok(Err(e)),
+                },
+                Err(e) => return Ok(Err(e)),
+            };
+            let first_stored = meta.first;
+            self.touched
+                .insert(channel.to_owned(), Touched { meta, first_stored });
+        }
+        let mut positions = Vec::with_capacity(batch.appends.len());
+        for append in &batch.appends {
+            match self.append(
+                append.stream.as_str(),
+                &append.payload,
+                append.options,
+                now_ms,
+            )? {
+                Ok(position) => positions.push(position),
+                // Cannot happen after the loads above; kept an error rather than a panic.
+                Err(e) => return Ok(Err(e)),
+            }
+        }
+        for (key, value) in &batch.kv {
+            match value {
+                Some(value) => {
+                    self.kv.insert(key.as_str(), value.as_slice())?;
+                }
+                None => {
+                    self.kv.remove(key.as_str())?;
+                }
+            }
+        }
+        Ok(Ok(WriteOutcome::Written(positions)))
     }
 
     /// Writes the metadata of every stream this batch appended to, and removes the entries its

@@ -71,6 +71,61 @@ pub struct ReadResult {
     pub complete: bool,
 }
 
+/// One append of a [`WriteBatch`].
+#[derive(Debug, Clone)]
+pub struct StreamAppend {
+    /// A channel, or an internal stream ([`ChannelName::internal`]) such as a user's inbox.
+    pub stream: ChannelName,
+    pub payload: Payload,
+    pub options: StreamOptions,
+}
+
+/// Changes that are stored together or not at all, in one transaction: a message appended to
+/// every recipient's inbox with the record that makes a retried send a no-op, a group membership
+/// written under both its keys.
+#[derive(Debug, Clone, Default)]
+pub struct WriteBatch {
+    /// Appends, in order.
+    pub appends: Vec<StreamAppend>,
+    /// Key-value writes, in order; `None` deletes the key.
+    pub kv: Vec<(String, Option<Vec<u8>>)>,
+    /// When this key already exists, nothing is written and its value is returned instead
+    /// ([`WriteOutcome::Exists`]): put the same key in `kv` to make a retried batch a no-op.
+    pub unless_exists: Option<String>,
+}
+
+/// The answer to [`Store::write`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriteOutcome {
+    /// Everything was stored; the appends' positions, in order.
+    Written(Vec<Position>),
+    /// `unless_exists` was found: nothing was written; its value.
+    Exists(Vec<u8>),
+}
+
+/// Longest key of the key-value table, in bytes.
+pub const MAX_KV_KEY: usize = 1024;
+
+impl WriteBatch {
+    /// Refuses keys that cannot be stored.
+    pub fn validate(&self) -> Result<(), StoreError> {
+        let keys = self
+            .kv
+            .iter()
+            .map(|(k, _)| k)
+            .chain(self.unless_exists.as_ref());
+        for key in keys {
+            if key.is_empty() || key.len() > MAX_KV_KEY {
+                return Err(StoreError::Invalid(format!(
+                    "key-value keys must be 1 to {MAX_KV_KEY} bytes, one is {}",
+                    key.len()
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Counters for `/metrics` and for tests that check batching.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StoreStats {
@@ -102,6 +157,9 @@ pub enum StoreError {
     /// The operating system gave no random bytes for a new epoch.
     #[error("no random bytes for a new stream epoch: {0}")]
     Random(String),
+    /// The request itself is unusable (an empty or too long key, ...).
+    #[error("invalid store request: {0}")]
+    Invalid(String),
     /// The store was used outside a Tokio runtime, or one of its tasks died.
     #[error("store runtime error: {0}")]
     Runtime(String),
@@ -174,6 +232,21 @@ pub trait Store: Send + Sync + 'static {
 
     /// Counters since the store was opened.
     fn stats(&self) -> StoreStats;
+
+    /// Stores `batch` atomically and durably (with the other requests of its group commit),
+    /// queued at call time like [`Store::append`]. The listener hears of its appends in order.
+    /// A batch touching a damaged stream fails whole, before anything of it is written.
+    fn write(&self, batch: WriteBatch) -> BoxFuture<'static, Result<WriteOutcome, StoreError>>;
+
+    /// The value of a key of the key-value table.
+    fn kv_get(&self, key: &str) -> BoxFuture<'_, Result<Option<Vec<u8>>, StoreError>>;
+
+    /// Up to `limit` entries whose key starts with `prefix`, in key order.
+    fn kv_scan(
+        &self,
+        prefix: &str,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<(String, Vec<u8>)>, StoreError>>;
 
     /// Installs the [`AppendListener`]. Only the first call takes effect; returns whether it did.
     fn set_listener(&self, listener: Arc<dyn AppendListener>) -> bool;

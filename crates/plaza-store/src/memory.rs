@@ -6,7 +6,7 @@
 //! that recover across a restart are told `recovered: false`.
 
 use std::collections::hash_map::Entry;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::SystemTime;
 
@@ -16,7 +16,7 @@ use crate::clock::{duration_ms, unix_ms};
 use crate::stream::{self, expired, plan_append, plan_read};
 use crate::{
     AppendListener, BoxFuture, Clock, Position, ReadResult, Store, StoreError, StoreStats,
-    StreamOptions, SystemClock,
+    StreamOptions, SystemClock, WriteBatch, WriteOutcome,
 };
 
 /// An in-memory [`Store`]. Every operation completes before its future is first polled.
@@ -29,6 +29,7 @@ pub struct MemoryStore {
 #[derive(Default)]
 struct State {
     streams: HashMap<Arc<str>, Stream>,
+    kv: BTreeMap<String, Vec<u8>>,
     appends: u64,
 }
 
@@ -91,9 +92,21 @@ impl MemoryStore {
         options: StreamOptions,
     ) -> Result<Position, StoreError> {
         let now_ms = unix_ms(self.clock.now());
-        let announce = self.listener.get().map(|l| (l, payload.clone()));
         let mut state = self.lock();
-        let stream = stream_entry(&mut state, channel)?;
+        self.append_locked(&mut state, channel, payload, options, now_ms)
+    }
+
+    /// One append, under the state lock (which also keeps the listener's calls in order).
+    fn append_locked(
+        &self,
+        state: &mut State,
+        channel: &ChannelName,
+        payload: Payload,
+        options: StreamOptions,
+        now_ms: u64,
+    ) -> Result<Position, StoreError> {
+        let announce = self.listener.get().map(|l| (l, payload.clone()));
+        let stream = stream_entry(state, channel)?;
         let plan = plan_append(stream.top, stream.first(), options.max_len)?;
         if let Some((from, to)) = plan.drop {
             let n = usize::try_from(to - from + 1).unwrap_or(usize::MAX);
@@ -107,11 +120,44 @@ impl MemoryStore {
         stream.ttl_ms = options.ttl.map(duration_ms);
         let position = stream.position();
         state.appends += 1;
-        // Under the lock, so the listener sees one channel's offsets in order.
         if let Some((listener, payload)) = announce {
             listener.appended(channel.as_str(), &position, &payload);
         }
         Ok(position)
+    }
+
+    fn write_now(&self, batch: WriteBatch) -> Result<WriteOutcome, StoreError> {
+        batch.validate()?;
+        let now_ms = unix_ms(self.clock.now());
+        let mut state = self.lock();
+        if let Some(value) = batch
+            .unless_exists
+            .as_ref()
+            .and_then(|key| state.kv.get(key))
+        {
+            return Ok(WriteOutcome::Exists(value.clone()));
+        }
+        // Every stream exists before anything is written, so nothing below fails half way.
+        for append in &batch.appends {
+            stream_entry(&mut state, &append.stream)?;
+        }
+        let mut positions = Vec::with_capacity(batch.appends.len());
+        for append in batch.appends {
+            positions.push(self.append_locked(
+                &mut state,
+                &append.stream,
+                append.payload,
+                append.options,
+                now_ms,
+            )?);
+        }
+        for (key, value) in batch.kv {
+            match value {
+                Some(value) => state.kv.insert(key, value),
+                None => state.kv.remove(&key),
+            };
+        }
+        Ok(WriteOutcome::Written(positions))
     }
 
     fn read_now(
@@ -221,6 +267,31 @@ impl Store for MemoryStore {
 
     fn trim_expired(&self, now: SystemTime) -> BoxFuture<'_, Result<u64, StoreError>> {
         Box::pin(std::future::ready(Ok(self.trim_now(now))))
+    }
+
+    fn write(&self, batch: WriteBatch) -> BoxFuture<'static, Result<WriteOutcome, StoreError>> {
+        Box::pin(std::future::ready(self.write_now(batch)))
+    }
+
+    fn kv_get(&self, key: &str) -> BoxFuture<'_, Result<Option<Vec<u8>>, StoreError>> {
+        let value = self.lock().kv.get(key).cloned();
+        Box::pin(std::future::ready(Ok(value)))
+    }
+
+    fn kv_scan(
+        &self,
+        prefix: &str,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<(String, Vec<u8>)>, StoreError>> {
+        let state = self.lock();
+        let found = state
+            .kv
+            .range(prefix.to_owned()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .take(limit)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        Box::pin(std::future::ready(Ok(found)))
     }
 
     fn set_listener(&self, listener: Arc<dyn AppendListener>) -> bool {

@@ -7,7 +7,8 @@ use std::time::{Duration, SystemTime};
 
 use plaza_core::{ChannelName, Payload};
 use plaza_store::{
-    AppendListener, ManualClock, MemoryStore, Position, RedbStore, Store, StoreError, StreamOptions,
+    AppendListener, ManualClock, MemoryStore, Position, RedbStore, Store, StoreError, StreamAppend,
+    StreamOptions, WriteBatch, WriteOutcome,
 };
 use tempfile::TempDir;
 
@@ -80,6 +81,8 @@ for_each_store!(
     concurrent_appends_get_consecutive_offsets,
     listener_sees_every_append_in_offset_order,
     appends_are_ordered_by_call_not_by_await,
+    write_batches_are_atomic_and_idempotent,
+    key_value_get_and_scan,
 );
 
 fn ch(name: &str) -> ChannelName {
@@ -425,6 +428,108 @@ async fn appends_are_ordered_by_call_not_by_await(f: Fixture) {
     assert_eq!(data, expected);
 }
 
+/// A batch appends to several streams (internal ones too) and writes keys together; with
+/// `unless_exists`, a retry returns the recorded value and writes nothing.
+async fn write_batches_are_atomic_and_idempotent(f: Fixture) {
+    let recorder = Arc::new(Recorder::default());
+    f.store.set_listener(recorder.clone());
+    let inbox = |user: &str| ChannelName::internal("inbox", user);
+    let batch = WriteBatch {
+        appends: ["alice", "bob", "carol"]
+            .into_iter()
+            .map(|u| StreamAppend {
+                stream: inbox(u),
+                payload: json(r#"{"text":"hi"}"#),
+                options: unbounded(),
+            })
+            .collect(),
+        kv: vec![
+            ("sent/alice/m1".into(), Some(b"3".to_vec())),
+            ("scratch".into(), None),
+        ],
+        unless_exists: Some("sent/alice/m1".into()),
+    };
+    let first = f.store.write(batch.clone()).await.unwrap();
+    let WriteOutcome::Written(positions) = first else {
+        panic!("{first:?}")
+    };
+    assert_eq!(
+        positions.iter().map(|p| p.offset).collect::<Vec<_>>(),
+        [1, 1, 1]
+    );
+    assert_eq!(
+        f.store.write(batch).await.unwrap(),
+        WriteOutcome::Exists(b"3".to_vec())
+    );
+    // Nothing was appended by the retry.
+    for u in ["alice", "bob", "carol"] {
+        let read = f.store.read(&inbox(u), None, 10).await.unwrap();
+        assert_eq!(read.publications.len(), 1, "{u}");
+    }
+    assert_eq!(
+        recorder.0.lock().unwrap().len(),
+        3,
+        "listener told once per append"
+    );
+    assert_eq!(
+        f.store.kv_get("sent/alice/m1").await.unwrap(),
+        Some(b"3".to_vec())
+    );
+    // A delete, and a bad key refuses the whole batch.
+    let delete = WriteBatch {
+        kv: vec![("sent/alice/m1".into(), None)],
+        ..Default::default()
+    };
+    f.store.write(delete).await.unwrap();
+    assert_eq!(f.store.kv_get("sent/alice/m1").await.unwrap(), None);
+    let bad = WriteBatch {
+        appends: vec![StreamAppend {
+            stream: inbox("dave"),
+            payload: n(1),
+            options: unbounded(),
+        }],
+        kv: vec![(String::new(), Some(vec![]))],
+        unless_exists: None,
+    };
+    assert!(matches!(
+        f.store.write(bad).await,
+        Err(StoreError::Invalid(_))
+    ));
+    assert_eq!(f.store.top(&inbox("dave")).await.unwrap(), None);
+}
+
+async fn key_value_get_and_scan(f: Fixture) {
+    let put = |k: &str, v: &str| (k.to_owned(), Some(v.as_bytes().to_vec()));
+    let batch = WriteBatch {
+        kv: vec![
+            put("group/b/x", "1"),
+            put("group/a/y", "2"),
+            put("group/a/x", "3"),
+            put("groups", "4"),
+            put("user/x/a", "5"),
+        ],
+        ..Default::default()
+    };
+    assert_eq!(
+        f.store.write(batch).await.unwrap(),
+        WriteOutcome::Written(vec![])
+    );
+    let keys = |v: Vec<(String, Vec<u8>)>| v.into_iter().map(|(k, _)| k).collect::<Vec<_>>();
+    assert_eq!(
+        keys(f.store.kv_scan("group/a/", 10).await.unwrap()),
+        ["group/a/x", "group/a/y"]
+    );
+    assert_eq!(
+        keys(f.store.kv_scan("group/", 2).await.unwrap()),
+        ["group/a/x", "group/a/y"]
+    );
+    assert_eq!(
+        keys(f.store.kv_scan("nothing", 10).await.unwrap()),
+        Vec::<String>::new()
+    );
+    assert_eq!(f.store.kv_get("groups").await.unwrap(), Some(b"4".to_vec()));
+}
+
 /// Records what the listener is told.
 #[derive(Default)]
 struct Recorder(std::sync::Mutex<Vec<(String, u64, String)>>);
@@ -494,6 +599,24 @@ async fn memory_store_restart_means_new_epochs() {
 }
 
 // ---- What only the durable store shows ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redb_restart_keeps_key_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = RedbStore::open(dir.path()).await.unwrap();
+    let batch = WriteBatch {
+        kv: vec![("member/g/alice".into(), Some(b"1".to_vec()))],
+        ..Default::default()
+    };
+    store.write(batch).await.unwrap();
+    store.close().await.unwrap();
+    let store = RedbStore::open(dir.path()).await.unwrap();
+    assert_eq!(
+        store.kv_get("member/g/alice").await.unwrap(),
+        Some(b"1".to_vec())
+    );
+    store.close().await.unwrap();
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redb_restart_keeps_epoch_offsets_and_data() {
