@@ -40,8 +40,8 @@ use tokio::task::JoinHandle;
 use crate::clock::{duration_ms, unix_ms};
 use crate::stream::{self, expired, plan_append, plan_read};
 use crate::{
-    AppendListener, BoxFuture, Clock, Position, ReadResult, Store, StoreError, StoreStats,
-    StreamOptions, SystemClock, WriteBatch, WriteOutcome,
+    AppendListener, BoxFuture, Clock, KvEntries, Position, ReadResult, Store, StoreError,
+    StoreStats, StreamOptions, SystemClock, WriteBatch, WriteOutcome,
 };
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("stream_meta");
@@ -292,11 +292,7 @@ impl Store for RedbStore {
         }))
     }
 
-    fn kv_scan(
-        &self,
-        prefix: &str,
-        limit: usize,
-    ) -> BoxFuture<'_, Result<Vec<(String, Vec<u8>)>, StoreError>> {
+    fn kv_scan(&self, prefix: &str, limit: usize) -> BoxFuture<'_, Result<KvEntries, StoreError>> {
         let prefix = prefix.to_owned();
         Box::pin(self.blocking(move |db| {
             let txn = db.begin_read()?;

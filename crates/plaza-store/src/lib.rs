@@ -103,6 +103,9 @@ pub enum WriteOutcome {
     Exists(Vec<u8>),
 }
 
+/// Key-value pairs, in key order.
+pub type KvEntries = Vec<(String, Vec<u8>)>;
+
 /// Longest key of the key-value table, in bytes.
 pub const MAX_KV_KEY: usize = 1024;
 
@@ -242,11 +245,7 @@ pub trait Store: Send + Sync + 'static {
     fn kv_get(&self, key: &str) -> BoxFuture<'_, Result<Option<Vec<u8>>, StoreError>>;
 
     /// Up to `limit` entries whose key starts with `prefix`, in key order.
-    fn kv_scan(
-        &self,
-        prefix: &str,
-        limit: usize,
-    ) -> BoxFuture<'_, Result<Vec<(String, Vec<u8>)>, StoreError>>;
+    fn kv_scan(&self, prefix: &str, limit: usize) -> BoxFuture<'_, Result<KvEntries, StoreError>>;
 
     /// Installs the [`AppendListener`]. Only the first call takes effect; returns whether it did.
     fn set_listener(&self, listener: Arc<dyn AppendListener>) -> bool;

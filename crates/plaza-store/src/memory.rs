@@ -15,8 +15,8 @@ use plaza_core::{ChannelName, Payload};
 use crate::clock::{duration_ms, unix_ms};
 use crate::stream::{self, expired, plan_append, plan_read};
 use crate::{
-    AppendListener, BoxFuture, Clock, Position, ReadResult, Store, StoreError, StoreStats,
-    StreamOptions, SystemClock, WriteBatch, WriteOutcome,
+    AppendListener, BoxFuture, Clock, KvEntries, Position, ReadResult, Store, StoreError,
+    StoreStats, StreamOptions, SystemClock, WriteBatch, WriteOutcome,
 };
 
 /// An in-memory [`Store`]. Every operation completes before its future is first polled.
@@ -278,11 +278,7 @@ impl Store for MemoryStore {
         Box::pin(std::future::ready(Ok(value)))
     }
 
-    fn kv_scan(
-        &self,
-        prefix: &str,
-        limit: usize,
-    ) -> BoxFuture<'_, Result<Vec<(String, Vec<u8>)>, StoreError>> {
+    fn kv_scan(&self, prefix: &str, limit: usize) -> BoxFuture<'_, Result<KvEntries, StoreError>> {
         let state = self.lock();
         let found = state
             .kv
