@@ -1,5 +1,6 @@
 //! Command line.
 
+use crate::scenario::conns::ConnsArgs;
 use crate::scenario::fanout::FanoutArgs;
 use crate::scenario::publish::PublishArgs;
 use clap::{Parser, Subcommand};
@@ -23,10 +24,14 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Scenario {
-    /// S subscribers on one channel, P publications through the backend API: deliveries/s,
+    /// S subscribers on one channel, P publications through the server's publishing path
+    /// (`--peer`: Plaza, NATS, Socket.IO, Snorky, High-templar): deliveries/s,
     /// latency percentiles, loss, server CPU per delivery.
     Fanout(FanoutArgs),
     /// P publishers keeping W publish requests in flight each, N publications: acknowledged
     /// publishes/s, ack latency, offsets checked, server CPU per ack.
     Publish(PublishArgs),
+    /// C idle connections, each subscribed to its own channel: connect rate, server RSS and CPU
+    /// per connection.
+    Conns(ConnsArgs),
 }

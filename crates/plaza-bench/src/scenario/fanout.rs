@@ -179,8 +179,8 @@ pub struct FanoutReport {
 
 /// Counters the subscribers update for the main task.
 #[derive(Debug, Default)]
-struct Live {
-    unique: AtomicU64,
+pub(crate) struct Live {
+    pub unique: AtomicU64,
 }
 
 /// What one subscriber received.
@@ -211,7 +211,7 @@ impl SubStats {
 
 /// How a subscriber connection ended before the run did.
 #[derive(Debug)]
-enum Ended {
+pub(crate) enum Ended {
     Closed(u16),
     Broken(String),
 }
@@ -314,12 +314,12 @@ impl Recv {
 
 /// One subscriber connection and what it received. As a future it never completes: its reader
 /// task polls it when the socket is readable, and takes it back when the run ends.
-struct Subscriber {
+pub(crate) struct Subscriber {
     ws: WsConn,
     peer: Arc<dyn SubscriberPeer>,
-    recv: Recv,
+    pub recv: Recv,
     live: Arc<Live>,
-    ended: Option<Ended>,
+    pub ended: Option<Ended>,
 }
 
 impl Subscriber {
@@ -414,13 +414,158 @@ async fn reader_task(
     subs.into_iter().collect()
 }
 
+/// The reader tasks: subscribers are handed to them round-robin once subscribed.
+pub(crate) struct ReaderPool {
+    to_readers: Vec<mpsc::UnboundedSender<Subscriber>>,
+    readers: Vec<tokio::task::JoinHandle<Vec<Subscriber>>>,
+    stop_tx: watch::Sender<bool>,
+    next: usize,
+}
+
+impl ReaderPool {
+    pub fn new(tasks: usize) -> Self {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut to_readers = Vec::new();
+        let mut readers = Vec::new();
+        for _ in 0..tasks.max(1) {
+            let (tx, rx) = mpsc::unbounded_channel();
+            to_readers.push(tx);
+            readers.push(tokio::spawn(reader_task(rx, stop_rx.clone())));
+        }
+        ReaderPool {
+            to_readers,
+            readers,
+            stop_tx,
+            next: 0,
+        }
+    }
+
+    fn add(&mut self, sub: Subscriber) {
+        // A reader only ends after `stop`, so the send cannot fail before it.
+        let _ = self.to_readers[self.next % self.to_readers.len()].send(sub);
+        self.next += 1;
+    }
+
+    /// Stops the readers and takes the subscribers back.
+    pub async fn stop(self) -> Vec<Subscriber> {
+        drop(self.to_readers);
+        let _ = self.stop_tx.send(true);
+        let mut subs = Vec::new();
+        for r in self.readers {
+            // Readers stop at once; the bound only guards against a bug.
+            match tokio::time::timeout(Duration::from_secs(10), r).await {
+                Ok(Ok(mut part)) => subs.append(&mut part),
+                Ok(Err(e)) => eprintln!("[bench] warning: a reader task failed: {e}"),
+                Err(_) => eprintln!("[bench] warning: a reader task did not stop"),
+            }
+        }
+        subs
+    }
+}
+
+/// What to connect.
+pub(crate) struct ConnectSpec<'a> {
+    pub peer: &'a Arc<dyn SubscriberPeer>,
+    pub target: &'a WsTarget,
+    /// The channel of the i-th connection.
+    pub channel: &'a (dyn Fn(u64) -> String + Sync),
+    pub count: u64,
+    pub concurrency: usize,
+    pub read_buffer: usize,
+    /// Sequence numbers each subscriber tracks.
+    pub publications: u64,
+    pub live: &'a Arc<Live>,
+    pub deadline: Instant,
+    pub progress_every: Duration,
+    pub label: &'static str,
+}
+
+/// How connecting went.
+pub(crate) struct Connected {
+    pub connected: u64,
+    pub failed: u64,
+    pub first_error: Option<String>,
+    pub deadline_hit: bool,
+}
+
+/// Opens `count` connections, `concurrency` handshakes at a time, each subscribed to its
+/// channel, and hands them to the pool's readers (which answer keep-alives from then on).
+pub(crate) async fn connect_subscribers(pool: &mut ReaderPool, spec: ConnectSpec<'_>) -> Connected {
+    let connected = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let connect_progress = {
+        let (c, f, total) = (connected.clone(), failed.clone(), spec.count);
+        progress::spawn(spec.label, spec.progress_every, move || {
+            let n = c.load(Ordering::Relaxed);
+            format!(
+                "subscribed {n}/{total} ({:.0}/s), failed {}",
+                n as f64 / started.elapsed().as_secs_f64().max(1e-9),
+                f.load(Ordering::Relaxed)
+            )
+        })
+    };
+    let mut first_error = None;
+    let handshake_timeout = Duration::from_secs(10);
+    let mut handshakes = futures_util::stream::iter(0..spec.count)
+        .map(|i| {
+            let (peer, target, channel) = (spec.peer.clone(), spec.target, (spec.channel)(i));
+            let (live, publications, read_buffer) =
+                (spec.live.clone(), spec.publications, spec.read_buffer);
+            async move {
+                let mut ws = WsConn::connect(target, read_buffer, handshake_timeout).await?;
+                peer.subscribe(&mut ws, &channel, handshake_timeout).await?;
+                Ok::<_, anyhow::Error>(Subscriber::new(ws, peer, publications, live))
+            }
+        })
+        .buffer_unordered(spec.concurrency.max(1));
+    let mut n_ok = 0u64;
+    let mut deadline_hit = false;
+    loop {
+        match tokio::time::timeout_at(spec.deadline, handshakes.next()).await {
+            Err(_) => {
+                deadline_hit = true;
+                break;
+            }
+            Ok(None) => break,
+            Ok(Some(Ok(sub))) => {
+                pool.add(sub);
+                n_ok += 1;
+                connected.store(n_ok, Ordering::Relaxed);
+            }
+            Ok(Some(Err(e))) => {
+                failed.fetch_add(1, Ordering::Relaxed);
+                first_error.get_or_insert_with(|| format!("{e:#}"));
+            }
+        }
+    }
+    drop(handshakes);
+    drop(connect_progress);
+    let failed = failed.load(Ordering::Relaxed);
+    eprintln!(
+        "[{}] {n_ok} connections in {:.2}s ({failed} failed{})",
+        spec.label,
+        started.elapsed().as_secs_f64(),
+        first_error
+            .as_deref()
+            .map(|e| format!(": {e}"))
+            .unwrap_or_default()
+    );
+    Connected {
+        connected: n_ok,
+        failed,
+        first_error,
+        deadline_hit,
+    }
+}
+
 /// `x` rounded to `decimals` decimals, for a readable JSON line.
-fn round(x: f64, decimals: i32) -> f64 {
+pub(crate) fn round(x: f64, decimals: i32) -> f64 {
     let m = 10f64.powi(decimals);
     (x * m).round() / m
 }
 
-fn sample_server(pid: Option<u32>) -> Option<ProcSample> {
+pub(crate) fn sample_server(pid: Option<u32>) -> Option<ProcSample> {
     let pid = pid?;
     match procfs::sample(pid) {
         Ok(s) => Some(s),
@@ -431,7 +576,7 @@ fn sample_server(pid: Option<u32>) -> Option<ProcSample> {
     }
 }
 
-fn sample_self() -> ProcSample {
+pub(crate) fn sample_self() -> ProcSample {
     procfs::sample_self().unwrap_or_default()
 }
 
@@ -450,78 +595,37 @@ pub async fn run(args: FanoutArgs, threads: usize) -> Result<FanoutReport> {
 
     let server_start = sample_server(args.server_pid);
     let live = Arc::new(Live::default());
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let mut to_readers = Vec::new();
-    let mut readers = Vec::new();
-    for _ in 0..args.reader_tasks {
-        let (tx, rx) = mpsc::unbounded_channel();
-        to_readers.push(tx);
-        readers.push(tokio::spawn(reader_task(rx, stop_rx.clone())));
-    }
+    let mut pool = ReaderPool::new(args.reader_tasks);
 
     // 1. Connect and subscribe.
-    let connected = Arc::new(AtomicU64::new(0));
-    let failed = Arc::new(AtomicU64::new(0));
-    let connect_progress = {
-        let (c, f, total) = (connected.clone(), failed.clone(), args.subscribers);
-        progress::spawn("fanout", progress_every, move || {
-            format!(
-                "subscribed {}/{total}, failed {}",
-                c.load(Ordering::Relaxed),
-                f.load(Ordering::Relaxed)
-            )
-        })
-    };
-    let mut first_connect_error = None;
-    let handshake_timeout = Duration::from_secs(10);
-    let read_buffer = args.ws_read_buffer;
     let ws_target = WsTarget::parse(&args.target.ws)?;
-    let mut handshakes = futures_util::stream::iter(0..args.subscribers)
-        .map(|_| {
-            let (peer, target, channel) = (peer.clone(), &ws_target, args.channel.as_str());
-            let (live, publications) = (live.clone(), args.publications);
-            async move {
-                let mut ws = WsConn::connect(target, read_buffer, handshake_timeout).await?;
-                peer.subscribe(&mut ws, channel, handshake_timeout).await?;
-                Ok::<_, anyhow::Error>(Subscriber::new(ws, peer, publications, live))
-            }
-        })
-        .buffer_unordered(args.connect_concurrency);
-    let mut n_ok = 0u64;
-    let mut deadline_hit = false;
-    loop {
-        match tokio::time::timeout_at(deadline, handshakes.next()).await {
-            Err(_) => {
-                deadline_hit = true;
-                break;
-            }
-            Ok(None) => break,
-            Ok(Some(Ok(sub))) => {
-                // A reader only ends after `stop`, so the send cannot fail before it.
-                let _ = to_readers[(n_ok % args.reader_tasks as u64) as usize].send(sub);
-                n_ok += 1;
-                connected.store(n_ok, Ordering::Relaxed);
-            }
-            Ok(Some(Err(e))) => {
-                failed.fetch_add(1, Ordering::Relaxed);
-                first_connect_error.get_or_insert_with(|| format!("{e:#}"));
-            }
-        }
-    }
-    drop(handshakes);
-    drop(to_readers);
-    drop(connect_progress);
-    let connect_secs = started.elapsed().as_secs_f64();
-    let connect_errors = failed.load(Ordering::Relaxed);
-    eprintln!(
-        "[fanout] {n_ok} subscribers in {connect_secs:.2}s ({connect_errors} failed{})",
-        first_connect_error
-            .as_deref()
-            .map(|e| format!(": {e}"))
-            .unwrap_or_default()
+    let channel = args.channel.clone();
+    let conn = connect_subscribers(
+        &mut pool,
+        ConnectSpec {
+            peer: &peer,
+            target: &ws_target,
+            channel: &move |_| channel.clone(),
+            count: args.subscribers,
+            concurrency: args.connect_concurrency,
+            read_buffer: args.ws_read_buffer,
+            publications: args.publications,
+            live: &live,
+            deadline,
+            progress_every,
+            label: "fanout",
+        },
+    )
+    .await;
+    let (n_ok, connect_errors, first_connect_error, deadline_hit) = (
+        conn.connected,
+        conn.failed,
+        conn.first_error,
+        conn.deadline_hit,
     );
+    let connect_secs = started.elapsed().as_secs_f64();
     if n_ok == 0 {
-        let _ = stop_tx.send(true);
+        pool.stop().await;
         bail!(
             "no subscriber could connect: {}",
             first_connect_error.unwrap_or_default()
@@ -606,16 +710,7 @@ pub async fn run(args: FanoutArgs, threads: usize) -> Result<FanoutReport> {
     let sampled_end = Instant::now();
     drop(publish_progress);
 
-    let _ = stop_tx.send(true);
-    let mut subs = Vec::new();
-    for r in readers {
-        // Readers stop at once; the bound only guards against a bug.
-        match tokio::time::timeout(Duration::from_secs(10), r).await {
-            Ok(Ok(mut part)) => subs.append(&mut part),
-            Ok(Err(e)) => eprintln!("[fanout] warning: a reader task failed: {e}"),
-            Err(_) => eprintln!("[fanout] warning: a reader task did not stop"),
-        }
-    }
+    let mut subs = pool.stop().await;
 
     // Merge.
     let mut samples = Vec::with_capacity(subs.iter().map(|s| s.recv.samples.len()).sum());

@@ -6,9 +6,12 @@
 //! - [`publish`]: P publishers pipelining W publish requests each (native WebSocket or backend
 //!   API); acknowledged publishes/s, ack latency, offsets checked, server CPU per ack.
 //!
-//! Planned: `conns` (idle connections: memory and CPU per connection) and `chat` (many channels,
-//! clients publishing), as sibling modules.
+//! - [`conns`]: C idle connections, a channel each; connect rate, server RSS and CPU per
+//!   connection.
+//!
+//! [`target`] says which server (Plaza or a peer) a scenario talks to.
 
+pub mod conns;
 pub mod fanout;
 pub mod publish;
 pub mod target;
