@@ -13,7 +13,7 @@
 # ratios against Plaza goes to stdout and bench/results/<date>.md. Progress and each run's human
 # table go to stderr.
 #
-#   scripts/bench-peers.sh                        # fanout 1000 x 2000 and conns 10000, all peers
+#   scripts/bench-peers.sh                        # fanout 1000 x 2000, conns 10000, chat 50 x 20
 #   scripts/bench-peers.sh --big                  # also fanout 5000 x 2000
 #   PEERS=plaza,nats scripts/bench-peers.sh       # some peers only
 #   SCENARIOS=fanout scripts/bench-peers.sh       # some scenarios only (fanout, conns, chat)
@@ -38,7 +38,7 @@ VENV_DIR="$ROOT/bench/.venv"
 RESULTS_DIR="$ROOT/bench/results"
 PYTHON="${PYTHON:-python3}"
 PEERS="${PEERS:-plaza,nats,socketio,snorky,hightemplar}"
-SCENARIOS="${SCENARIOS:-fanout,conns}"
+SCENARIOS="${SCENARIOS:-fanout,conns,chat}"
 PUBS="${PUBS:-2000}"
 WINDOW="${WINDOW:-16}"
 CONNS="${CONNS:-10000}"

@@ -1,5 +1,6 @@
 //! Command line.
 
+use crate::scenario::chat::ChatArgs;
 use crate::scenario::conns::ConnsArgs;
 use crate::scenario::fanout::FanoutArgs;
 use crate::scenario::publish::PublishArgs;
@@ -34,4 +35,7 @@ pub enum Scenario {
     /// C idle connections, each subscribed to its own channel: connect rate, server RSS and CPU
     /// per connection.
     Conns(ConnsArgs),
+    /// R rooms of K members, each member sending at a fixed rate to its room: deliveries/s,
+    /// latency, loss, server CPU.
+    Chat(ChatArgs),
 }

@@ -1,7 +1,7 @@
 use anyhow::{Context, Result};
 use clap::Parser;
 use plaza_bench::cli::{Cli, Scenario};
-use plaza_bench::scenario::{conns, fanout, publish};
+use plaza_bench::scenario::{chat, conns, fanout, publish};
 
 /// Exit status: 0 for a clean run, 2 for a run that finished with problems (loss, refusals,
 /// dropped subscribers, the deadline: listed in `problems`), 1 when it could not run.
@@ -28,6 +28,12 @@ fn run() -> Result<bool> {
     let clean = match cli.scenario {
         Scenario::Fanout(args) => {
             let report = rt.block_on(fanout::run(args, threads))?;
+            eprint!("{}", report.table());
+            println!("{}", serde_json::to_string(&report)?);
+            report.problems.is_empty()
+        }
+        Scenario::Chat(args) => {
+            let report = rt.block_on(chat::run(args, threads))?;
             eprint!("{}", report.table());
             println!("{}", serde_json::to_string(&report)?);
             report.problems.is_empty()

@@ -101,7 +101,7 @@ pub fn scan_ops<'a>(buf: &'a [u8], f: &mut dyn FnMut(Op<'a>)) -> usize {
 pub fn connect_line(verbose: bool) -> String {
     format!(
         "CONNECT {{\"verbose\":{verbose},\"pedantic\":false,\"name\":\"plaza-bench\",\
-         \"lang\":\"rust\",\"version\":\"0\",\"protocol\":1,\"echo\":false}}\r\n"
+         \"lang\":\"rust\",\"version\":\"0\",\"protocol\":1,\"echo\":true}}\r\n"
     )
 }
 

@@ -41,8 +41,9 @@ pub struct AmqpPublish<'a> {
     pub password: &'a str,
     pub exchange: &'a str,
     pub routing_key: &'a str,
-    /// The High-templar room, as JSON.
-    pub room_json: String,
+    /// The High-templar rooms, as JSON: publication `i` goes to room `i % rooms.len()` with
+    /// sequence number `i / rooms.len()` (one room: sequence `i`).
+    pub rooms: Vec<String>,
     pub count: u64,
     pub payload_bytes: usize,
     pub pace: Pace,
@@ -363,11 +364,16 @@ async fn publish(
             }
             out.clear();
             let t = clock::now_ns();
+            let rooms = p.rooms.len().max(1) as u64;
             for s in seq..seq + n as u64 {
                 data.clear();
-                payload::encode(s, t, p.payload_bytes, &mut data);
+                payload::encode(s / rooms, t, p.payload_bytes, &mut data);
                 body.clear();
-                trigger_body(&p.room_json, &data, &mut body);
+                let room = p
+                    .rooms
+                    .get((s % rooms) as usize)
+                    .map_or("{}", String::as_str);
+                trigger_body(room, &data, &mut body);
                 encode_publish(p.exchange, p.routing_key, &body, frame_max, &mut out);
             }
             {

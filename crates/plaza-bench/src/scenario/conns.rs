@@ -140,6 +140,7 @@ pub async fn run(args: ConnsArgs, _threads: usize) -> Result<ConnsReport> {
             deadline,
             progress_every,
             label: "conns",
+            sender: None,
         },
     )
     .await;

@@ -181,6 +181,8 @@ pub struct FanoutReport {
 #[derive(Debug, Default)]
 pub(crate) struct Live {
     pub unique: AtomicU64,
+    /// Messages the members' senders queued (`chat`).
+    pub sent: AtomicU64,
 }
 
 /// What one subscriber received.
@@ -312,6 +314,78 @@ impl Recv {
     }
 }
 
+/// Writes a member's own messages on its subscriber connection (the `chat` scenario): `count`
+/// messages, one every `interval`, from a start instant the main task announces once every
+/// member is connected, plus `offset` (members are staggered).
+pub(crate) struct Sender {
+    /// Encodes message `m` (request id `m + 2`: ids 1 and 2 went to the handshake) with its
+    /// payload.
+    pub encode: super::target::MemberEncoder,
+    pub start: futures_util::future::Shared<tokio::sync::oneshot::Receiver<Instant>>,
+    pub offset: Duration,
+    pub interval: Duration,
+    pub count: u64,
+    /// The first sequence number of this member (its slot in the room × `count`).
+    pub first_seq: u64,
+    pub payload_bytes: usize,
+    pub started: Option<Instant>,
+    pub next: u64,
+    pub sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    pub buf: Vec<u8>,
+    pub data: Vec<u8>,
+}
+
+impl Sender {
+    /// Queues every message that is due on `ws`; returns how many.
+    fn poll_send(&mut self, ws: &mut WsConn, binary: bool, cx: &mut TaskContext<'_>) -> u64 {
+        if self.next >= self.count {
+            return 0;
+        }
+        let start = match self.started {
+            Some(s) => s,
+            None => match Pin::new(&mut self.start).poll(cx) {
+                Poll::Ready(Ok(s)) => {
+                    let s = s + self.offset;
+                    self.started = Some(s);
+                    self.sleep = Some(Box::pin(tokio::time::sleep_until(s)));
+                    s
+                }
+                // The main task gave up: send nothing.
+                Poll::Ready(Err(_)) => {
+                    self.next = self.count;
+                    return 0;
+                }
+                Poll::Pending => return 0,
+            },
+        };
+        let mut sent = 0;
+        // Bounded: at most `count` messages over the whole run.
+        while self.next < self.count {
+            let Some(sleep) = self.sleep.as_mut() else {
+                break;
+            };
+            if sleep.as_mut().poll(cx).is_pending() {
+                break;
+            }
+            self.data.clear();
+            payload::encode(
+                self.first_seq + self.next,
+                clock::now_ns(),
+                self.payload_bytes,
+                &mut self.data,
+            );
+            self.buf.clear();
+            (self.encode)(self.next + 2, &self.data, &mut self.buf);
+            ws.queue_message(&self.buf, binary);
+            self.next += 1;
+            sent += 1;
+            let due = start + self.interval.mul_f64(self.next as f64);
+            sleep.as_mut().reset(due);
+        }
+        sent
+    }
+}
+
 /// One subscriber connection and what it received. As a future it never completes: its reader
 /// task polls it when the socket is readable, and takes it back when the run ends.
 pub(crate) struct Subscriber {
@@ -320,6 +394,7 @@ pub(crate) struct Subscriber {
     pub recv: Recv,
     live: Arc<Live>,
     pub ended: Option<Ended>,
+    sender: Option<Sender>,
 }
 
 impl Subscriber {
@@ -328,6 +403,7 @@ impl Subscriber {
         peer: Arc<dyn SubscriberPeer>,
         publications: u64,
         live: Arc<Live>,
+        sender: Option<Sender>,
     ) -> Self {
         let pending = ws.take_pending();
         let mut recv = Recv::new(publications, true);
@@ -352,6 +428,7 @@ impl Subscriber {
             recv,
             live,
             ended,
+            sender,
         }
     }
 }
@@ -365,12 +442,27 @@ impl Future for Subscriber {
             return Poll::Pending;
         }
         let unique_before = this.recv.stats.unique;
-        let Subscriber { ws, peer, recv, .. } = this;
+        let Subscriber {
+            ws,
+            peer,
+            recv,
+            sender,
+            live,
+            ..
+        } = this;
         let r = ws.poll_events(cx, &mut |ev, now| recv.on_event(&**peer, ev, now));
-        if !recv.replies.is_empty() {
-            for reply in recv.replies.drain(..) {
-                ws.queue_message(reply, peer.binary());
+        let mut flush = !recv.replies.is_empty();
+        for reply in recv.replies.drain(..) {
+            ws.queue_message(reply, peer.binary());
+        }
+        if let Some(s) = sender.as_mut() {
+            let n = s.poll_send(ws, peer.binary(), cx);
+            if n > 0 {
+                live.sent.fetch_add(n, Ordering::Relaxed);
+                flush = true;
             }
+        }
+        if flush {
             ws.poll_flush(cx);
         }
         if this.recv.stats.unique != unique_before {
@@ -478,6 +570,8 @@ pub(crate) struct ConnectSpec<'a> {
     pub deadline: Instant,
     pub progress_every: Duration,
     pub label: &'static str,
+    /// The sender of the i-th connection, if it sends (`chat`).
+    pub sender: Option<&'a (dyn Fn(u64) -> Option<Sender> + Sync)>,
 }
 
 /// How connecting went.
@@ -512,10 +606,11 @@ pub(crate) async fn connect_subscribers(pool: &mut ReaderPool, spec: ConnectSpec
             let (peer, target, channel) = (spec.peer.clone(), spec.target, (spec.channel)(i));
             let (live, publications, read_buffer) =
                 (spec.live.clone(), spec.publications, spec.read_buffer);
+            let sender = spec.sender.and_then(|f| f(i));
             async move {
                 let mut ws = WsConn::connect(target, read_buffer, handshake_timeout).await?;
                 peer.subscribe(&mut ws, &channel, handshake_timeout).await?;
-                Ok::<_, anyhow::Error>(Subscriber::new(ws, peer, publications, live))
+                Ok::<_, anyhow::Error>(Subscriber::new(ws, peer, publications, live, sender))
             }
         })
         .buffer_unordered(spec.concurrency.max(1));
@@ -614,6 +709,7 @@ pub async fn run(args: FanoutArgs, threads: usize) -> Result<FanoutReport> {
             deadline,
             progress_every,
             label: "fanout",
+            sender: None,
         },
     )
     .await;
@@ -646,6 +742,7 @@ pub async fn run(args: FanoutArgs, threads: usize) -> Result<FanoutReport> {
     let job = PublishJob {
         target: &args.target,
         channel: &args.channel,
+        rooms: Vec::new(),
         count: args.publications,
         payload_bytes: args.payload_bytes,
         pace,

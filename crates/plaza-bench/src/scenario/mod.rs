@@ -9,8 +9,11 @@
 //! - [`conns`]: C idle connections, a channel each; connect rate, server RSS and CPU per
 //!   connection.
 //!
+//! - [`chat`]: R rooms of K members each sending at a fixed rate; deliveries/s, latency, loss.
+//!
 //! [`target`] says which server (Plaza or a peer) a scenario talks to.
 
+pub mod chat;
 pub mod conns;
 pub mod fanout;
 pub mod publish;

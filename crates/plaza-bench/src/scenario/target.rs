@@ -68,6 +68,9 @@ impl TargetArgs {
 pub struct PublishJob<'a> {
     pub target: &'a TargetArgs,
     pub channel: &'a str,
+    /// High-templar only: publication `i` goes to room `rooms[i % n]` with sequence number
+    /// `i / n` (the `chat` scenario); empty means `[channel]`.
+    pub rooms: Vec<String>,
     pub count: u64,
     pub payload_bytes: usize,
     pub pace: Pace,
@@ -142,6 +145,11 @@ async fn publish_inner(
             ws_pub::run(&p, progress).await
         }
         Kind::Hightemplar => {
+            let rooms = if job.rooms.is_empty() {
+                vec![job.channel.to_string()]
+            } else {
+                job.rooms.clone()
+            };
             let (user, pass) = t
                 .amqp_login
                 .split_once(':')
@@ -152,7 +160,10 @@ async fn publish_inner(
                 password: pass,
                 exchange: "hightemplar",
                 routing_key: "*",
-                room_json: crate::peer::hightemplar::room(job.channel),
+                rooms: rooms
+                    .iter()
+                    .map(|r| crate::peer::hightemplar::room(r))
+                    .collect(),
                 count: job.count,
                 payload_bytes: job.payload_bytes,
                 pace: job.pace,
@@ -162,4 +173,78 @@ async fn publish_inner(
             amqp::run(&p, progress).await
         }
     })
+}
+
+/// Encodes a chat member's message: `(request id, data, out)`.
+pub type MemberEncoder = Arc<dyn Fn(u64, &[u8], &mut Vec<u8>) + Send + Sync>;
+
+/// How a chat member publishes `data` (already JSON) on `channel` with its own connection:
+/// `encode(request_id, data, out)`. `None` for a server whose clients cannot publish
+/// (High-templar: the chat scenario publishes through RabbitMQ for its members).
+pub fn member_publish(kind: Kind, channel: &str) -> Option<MemberEncoder> {
+    let channel_json = serde_json::to_string(channel).unwrap_or_else(|_| "\"\"".into());
+    let channel = channel.to_string();
+    Some(match kind {
+        Kind::Plaza => Arc::new(move |id, data, out| {
+            out.extend_from_slice(b"{\"id\":");
+            out.extend_from_slice(id.to_string().as_bytes());
+            out.extend_from_slice(b",\"method\":\"publish\",\"params\":{\"channel\":");
+            out.extend_from_slice(channel_json.as_bytes());
+            out.extend_from_slice(b",\"data\":");
+            out.extend_from_slice(data);
+            out.extend_from_slice(b"}}");
+        }),
+        Kind::Nats => {
+            Arc::new(move |_, data, out| crate::peer::nats::pub_message(&channel, data, out))
+        }
+        Kind::Socketio => Arc::new(move |_, data, out| {
+            out.extend_from_slice(b"42[\"publish\",");
+            out.extend_from_slice(channel_json.as_bytes());
+            out.push(b',');
+            out.extend_from_slice(data);
+            out.push(b']');
+        }),
+        Kind::Snorky => Arc::new(move |id, data, out| {
+            out.extend_from_slice(b"{\"service\":\"pubsub\",\"message\":{\"command\":\"publish\",\"params\":{\"channel\":");
+            out.extend_from_slice(channel_json.as_bytes());
+            out.extend_from_slice(b",\"message\":");
+            out.extend_from_slice(data);
+            out.extend_from_slice(b"},\"callId\":");
+            out.extend_from_slice(id.to_string().as_bytes());
+            out.extend_from_slice(b"}}");
+        }),
+        Kind::Hightemplar => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn encode(kind: Kind, id: u64) -> String {
+        let f = member_publish(kind, "chat:r1").unwrap();
+        let mut out = Vec::new();
+        f(id, br#"{"s":1}"#, &mut out);
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn members_publish_in_each_protocol() {
+        let v: serde_json::Value = serde_json::from_str(&encode(Kind::Plaza, 7)).unwrap();
+        assert_eq!(v["id"], 7);
+        assert_eq!(v["method"], "publish");
+        assert_eq!(v["params"]["channel"], "chat:r1");
+        assert_eq!(v["params"]["data"]["s"], 1);
+        assert_eq!(encode(Kind::Nats, 7), "PUB chat:r1 7\r\n{\"s\":1}\r\n");
+        assert_eq!(
+            encode(Kind::Socketio, 7),
+            r#"42["publish","chat:r1",{"s":1}]"#
+        );
+        let v: serde_json::Value = serde_json::from_str(&encode(Kind::Snorky, 7)).unwrap();
+        assert_eq!(v["service"], "pubsub");
+        assert_eq!(v["message"]["command"], "publish");
+        assert_eq!(v["message"]["params"]["message"]["s"], 1);
+        assert_eq!(v["message"]["callId"], 7);
+        assert!(member_publish(Kind::Hightemplar, "x").is_none());
+    }
 }
