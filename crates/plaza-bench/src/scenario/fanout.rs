@@ -1140,3 +1140,69 @@ impl FanoutReport {
         t
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::peer::{native::Native, nats::Nats, socketio::SocketIo};
+
+    fn payload(seq: u64, t: u64) -> Vec<u8> {
+        let mut v = Vec::new();
+        payload::encode(seq, t, 40, &mut v);
+        v
+    }
+
+    #[test]
+    fn stream_messages_are_reassembled_across_frames() {
+        let mut all = Vec::new();
+        for seq in 0..3 {
+            let p = payload(seq, 100);
+            all.extend_from_slice(format!("MSG bench 1 {}\r\n", p.len()).as_bytes());
+            all.extend_from_slice(&p);
+            all.extend_from_slice(b"\r\n");
+        }
+        all.extend_from_slice(b"PING\r\n");
+        // Every way of cutting the stream in two frames gives the same result.
+        for cut in 0..=all.len() {
+            let mut r = Recv::new(3, true);
+            r.on_event(&Nats, Event::Binary(&all[..cut]), 1000);
+            r.on_event(&Nats, Event::Binary(&all[cut..]), 1000);
+            assert_eq!(
+                (r.stats.unique, r.stats.malformed, r.stats.duplicates),
+                (3, 0, 0),
+                "cut {cut}"
+            );
+            assert!(r.carry.is_empty(), "cut {cut}");
+            assert_eq!(r.replies, [b"PONG\r\n"], "cut {cut}");
+            assert_eq!(r.samples, [900, 900, 900]);
+            assert!(r.tracker.complete());
+        }
+    }
+
+    #[test]
+    fn frames_are_counted_by_kind() {
+        // A text protocol refuses binary frames; keep-alives are answered; close codes kept.
+        let mut r = Recv::new(2, true);
+        r.on_event(&Native, Event::Binary(b"x"), 0);
+        assert_eq!(r.stats.malformed, 1);
+        let mut frame = b"42[\"m\",".to_vec();
+        frame.extend_from_slice(&payload(1, 5));
+        frame.push(b']');
+        r.on_event(&SocketIo, Event::Text(&frame), 10);
+        r.on_event(&SocketIo, Event::Text(&frame), 10);
+        r.on_event(&SocketIo, Event::Text(b"2"), 10);
+        r.on_event(&SocketIo, Event::Close(Some(1001)), 10);
+        assert_eq!(
+            (r.stats.unique, r.stats.duplicates, r.stats.frames),
+            (1, 1, 3)
+        );
+        assert_eq!(r.replies, [b"3"]);
+        assert_eq!(r.closed, Some(1001));
+        // Sequence numbers beyond the run's are malformed, not counted.
+        let mut frame = b"42[\"m\",".to_vec();
+        frame.extend_from_slice(&payload(7, 5));
+        frame.push(b']');
+        r.on_event(&SocketIo, Event::Text(&frame), 10);
+        assert_eq!((r.stats.unique, r.stats.malformed), (1, 2));
+    }
+}
