@@ -4,10 +4,11 @@
 //! Results go to stdout as one JSON line; a table and progress lines go to stderr.
 //!
 //! Layout:
-//! - [`scenario`]: what is measured (`fanout`, `publish`; `conns` and `chat` later),
-//! - [`peer`]: how subscribers talk to a server (Plaza native today; NATS WS, Socket.IO, Snorky,
-//!   High-templar later),
-//! - [`publisher`]: how publications are sent (Plaza's backend HTTP API today),
+//! - [`scenario`]: what is measured (`fanout`, `publish`, `conns`, `chat`) and against which
+//!   server (`--peer`: Plaza, NATS WS, Socket.IO, Snorky, High-templar),
+//! - [`peer`]: how subscribers talk to each server,
+//! - [`publisher`]: how publications are sent (an HTTP backend API, a peer's WebSocket protocol,
+//!   RabbitMQ),
 //! - [`ws`]: a lean WebSocket client for the subscribers' and publishers' hot path,
 //! - [`reply`]: publish replies read without a JSON tree,
 //! - [`payload`], [`stats`], [`procfs`], [`http`], [`clock`], [`progress`]: the pieces.
