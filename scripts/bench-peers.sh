@@ -4,7 +4,8 @@
 # Peers: NATS (nats-server's WebSocket listener), Socket.IO 4 (bench/peers/socketio-server.js),
 # Snorky 0.1.0a4 (bench/peers/snorky_server.py), High-templar 3.1 (bench/peers/hightemplar_app.py,
 # with the mock app bench/peers/mock_app.py and a private RabbitMQ node). Whatever is missing is
-# installed first: apt `nats-server rabbitmq-server` (services are kept from starting), npm
+# installed first: apt `nats-server rabbitmq-server` (services are kept from starting; also
+# `nodejs npm python3-venv` where missing), npm
 # `socket.io` into bench/peers/node_modules, pip venvs in bench/.venv/{snorky,hightemplar}.
 #
 # Every server is started fresh, on its own free loopback ports, for every run, and stopped by
@@ -155,6 +156,11 @@ install_apt() {
     if has_peer nats && ! command -v nats-server >/dev/null; then need+=(nats-server); fi
     if has_peer hightemplar && [[ ! -x /usr/lib/rabbitmq/bin/rabbitmq-server ]]; then
         need+=(rabbitmq-server)
+    fi
+    if has_peer socketio && ! command -v npm >/dev/null; then need+=(nodejs npm); fi
+    if { has_peer snorky || has_peer hightemplar; } &&
+        ! "$PYTHON" -c 'import venv, ensurepip' 2>/dev/null; then
+        need+=(python3-venv)
     fi
     [[ ${#need[@]} -gt 0 ]] || return 0
     log "apt-get install ${need[*]}"
