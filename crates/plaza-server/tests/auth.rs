@@ -455,18 +455,8 @@ fn policies_that_cannot_work_are_refused_at_startup() {
         ("[auth]\nhmac_secret = \"short\"\n", "hmac_secret"),
         ("[auth]\nconnect_url = \"https://x/\"\n", "https"),
     ] {
-        let dir = common::temp_dir();
-        let file = dir.join("p.toml");
-        std::fs::write(&file, config).unwrap();
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_plaza"))
-            .arg("check-config")
-            .arg(&file)
-            .output()
-            .unwrap();
-        assert!(!out.status.success(), "{config}");
-        let err = String::from_utf8_lossy(&out.stderr);
+        let err = common::check_config_error(config);
         assert!(err.contains(needle), "{config}: {err}");
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }
 

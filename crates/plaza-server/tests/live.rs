@@ -318,17 +318,7 @@ fn bad_dealer_config_stops_startup() {
             "wat",
         ),
     ] {
-        let dir = common::temp_dir();
-        let file = dir.join("p.toml");
-        std::fs::write(&file, config).unwrap();
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_plaza"))
-            .arg("check-config")
-            .arg(&file)
-            .output()
-            .unwrap();
-        assert!(!out.status.success(), "{config}");
-        let err = String::from_utf8_lossy(&out.stderr);
+        let err = common::check_config_error(config);
         assert!(err.contains(needle), "{config}: {err}");
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -167,6 +167,23 @@ impl Drop for Server {
     }
 }
 
+/// Runs `plaza check-config` on `config`, asserts that it is refused, and returns what it printed
+/// on stderr.
+pub fn check_config_error(config: &str) -> String {
+    let dir = temp_dir();
+    let file = dir.join("p.toml");
+    std::fs::write(&file, config).expect("write config");
+    let out = Command::new(env!("CARGO_BIN_EXE_plaza"))
+        .arg("check-config")
+        .arg(&file)
+        .env_remove("PLAZA_CONFIG")
+        .output()
+        .expect("run check-config");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(!out.status.success(), "accepted: {config}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 /// One HTTP/1.1 request with `Connection: close`; returns status and body.
 pub async fn http(
     addr: SocketAddr,
