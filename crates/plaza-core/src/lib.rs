@@ -6,6 +6,7 @@
 //! limit or an error code.
 
 pub mod channel;
+pub mod chat;
 pub mod command;
 pub mod error;
 pub mod filter;
@@ -16,9 +17,10 @@ pub mod namespace;
 pub mod payload;
 pub mod presence;
 pub mod publication;
+pub mod room;
 
 pub use channel::{ChannelName, ChannelNameError};
-pub use command::{Command, ConnectInfo, Outcome, Position, SubscribeInfo};
+pub use command::{ChatCommand, Command, ConnectInfo, Outcome, Position, SubscribeInfo};
 pub use error::{CloseCode, ErrorCode, ReplyError};
 pub use filter::{FieldPath, Filter, FilterError};
 pub use index::{ConnId, SubscriptionIndex};
@@ -31,3 +33,4 @@ pub use namespace::{AccessPolicy, NamespaceError, NamespaceOptions, Namespaces};
 pub use payload::{Payload, PayloadError};
 pub use presence::{ChannelPresence, ClientInfo, PresenceEvent};
 pub use publication::Publication;
+pub use room::Room;
