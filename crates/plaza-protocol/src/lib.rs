@@ -2,4 +2,5 @@
 //! [`Command`](plaza_core::Command)s and core outcomes and events into frames, with no socket in
 //! sight, so every adapter is tested with plain strings and byte vectors.
 
+pub mod hightemplar;
 pub mod native;
