@@ -4,3 +4,4 @@
 
 pub mod hightemplar;
 pub mod native;
+pub mod rsocket;
