@@ -1,6 +1,7 @@
 //! What a client asks of the server, whatever protocol it speaks. Each protocol adapter decodes
 //! its frames into these; the server executes them.
 
+use crate::chat::Peer;
 use crate::payload::Payload;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,8 +52,78 @@ pub enum Command {
     LiveCancel {
         subscription: String,
     },
+    /// Chat: direct messages, groups, the inbox.
+    Chat(ChatCommand),
     /// Application-level ping: answered with an empty result.
     Ping,
+}
+
+/// The chat requests of a connected user (`docs/PROTOCOL.md`, "Chat").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChatCommand {
+    /// A message to a user or a group. `id` is the client's own (unique per sender, so a retry
+    /// is stored once); without it the server makes one.
+    Send {
+        to: Peer,
+        id: Option<String>,
+        data: Payload,
+    },
+    /// Acknowledges inbox entries by `seq`, or messages by id (and sender, when ids collide).
+    Ack {
+        seqs: Vec<u64>,
+        id: Option<String>,
+        from: Option<String>,
+    },
+    /// Marks a received message (and its conversation up to it) read.
+    Read {
+        id: String,
+        from: Option<String>,
+    },
+    /// An ephemeral "typing" notice to a user or a group.
+    Typing {
+        to: Peer,
+    },
+    /// Joins a group, creating it if it does not exist.
+    Join {
+        group: String,
+    },
+    Leave {
+        group: String,
+    },
+    /// The groups this user is in, or with `all` every group (where the server allows it).
+    Groups {
+        all: bool,
+    },
+    /// A group's members with their online state.
+    Members {
+        group: String,
+    },
+    /// A page of a conversation's history: the latest `limit` messages, or those before offset
+    /// `before`.
+    History {
+        with: Peer,
+        before: Option<u64>,
+        limit: Option<usize>,
+    },
+    /// Unread counts per conversation.
+    Unread,
+}
+
+impl ChatCommand {
+    pub fn method(&self) -> &'static str {
+        match self {
+            ChatCommand::Send { .. } => "send",
+            ChatCommand::Ack { .. } => "ack",
+            ChatCommand::Read { .. } => "read",
+            ChatCommand::Typing { .. } => "typing",
+            ChatCommand::Join { .. } => "group_join",
+            ChatCommand::Leave { .. } => "group_leave",
+            ChatCommand::Groups { .. } => "groups",
+            ChatCommand::Members { .. } => "group_members",
+            ChatCommand::History { .. } => "chat_history",
+            ChatCommand::Unread => "unread",
+        }
+    }
 }
 
 impl Command {
@@ -68,6 +139,7 @@ impl Command {
             Command::LiveSubscribe { .. } => "live_subscribe",
             Command::LiveSubscribeQuery { .. } => "live_subscribe_query",
             Command::LiveCancel { .. } => "live_cancel",
+            Command::Chat(chat) => chat.method(),
             Command::Ping => "ping",
         }
     }
@@ -98,6 +170,8 @@ pub enum Outcome {
     PresenceStats { clients: usize, users: usize },
     /// Live views opened, by subscription id, in the order of the request's items.
     LiveSubscribed(Vec<u64>),
+    /// A result object the server rendered itself (chat results).
+    Json(Payload),
 }
 
 /// What a subscriber learns about a channel with history.
@@ -125,4 +199,17 @@ pub struct ConnectInfo {
     pub ping_interval_secs: u64,
     /// Largest frame the client may send, in bytes.
     pub max_frame_size: usize,
+    /// The user's chat inbox, when it was attached to this connection.
+    pub inbox: Option<InboxInfo>,
+}
+
+/// What a connection learns about its user's inbox at connect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InboxInfo {
+    /// Unacknowledged entries that follow the reply, oldest first.
+    pub pending: usize,
+    /// Unacknowledged entries the inbox's bounds (size, age) dropped since the last connect.
+    pub dropped: u64,
+    /// The inbox was lost and started again: what it held is unknown.
+    pub reset: bool,
 }

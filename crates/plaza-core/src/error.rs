@@ -34,10 +34,12 @@ pub enum ErrorCode {
     BinaryNotSupported,
     /// Missing or wrong credentials (the backend key, a connection token, the app said no).
     Unauthorized,
+    /// The user, group or message named does not exist.
+    NotFound,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 13] = [
+    pub const ALL: [ErrorCode; 14] = [
         ErrorCode::Internal,
         ErrorCode::BadRequest,
         ErrorCode::UnknownMethod,
@@ -51,6 +53,7 @@ impl ErrorCode {
         ErrorCode::LimitExceeded,
         ErrorCode::BinaryNotSupported,
         ErrorCode::Unauthorized,
+        ErrorCode::NotFound,
     ];
 
     pub fn code(self) -> u16 {
@@ -68,6 +71,7 @@ impl ErrorCode {
             ErrorCode::LimitExceeded => 110,
             ErrorCode::BinaryNotSupported => 111,
             ErrorCode::Unauthorized => 112,
+            ErrorCode::NotFound => 113,
         }
     }
 
@@ -87,6 +91,7 @@ impl ErrorCode {
             ErrorCode::LimitExceeded => "limit_exceeded",
             ErrorCode::BinaryNotSupported => "binary_not_supported",
             ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::NotFound => "not_found",
         }
     }
 

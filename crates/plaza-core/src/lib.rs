@@ -20,7 +20,7 @@ pub mod publication;
 pub mod room;
 
 pub use channel::{ChannelName, ChannelNameError};
-pub use command::{ChatCommand, Command, ConnectInfo, Outcome, Position, SubscribeInfo};
+pub use command::{ChatCommand, Command, ConnectInfo, InboxInfo, Outcome, Position, SubscribeInfo};
 pub use error::{CloseCode, ErrorCode, ReplyError};
 pub use filter::{FieldPath, Filter, FilterError};
 pub use index::{ConnId, SubscriptionIndex};

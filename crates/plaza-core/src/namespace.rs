@@ -46,6 +46,9 @@ pub struct NamespaceOptions {
     pub subscribe: AccessPolicy,
     /// Who may publish, when `client_publish` is on.
     pub publish: AccessPolicy,
+    /// Whether connected clients may join (and so create) chat groups named in this namespace,
+    /// subject to the `subscribe` policy. The backend API may always add members.
+    pub client_join: bool,
 }
 
 impl NamespaceOptions {

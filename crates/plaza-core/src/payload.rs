@@ -27,6 +27,16 @@ impl Payload {
         Self(Bytes::copy_from_slice(raw.get().as_bytes()))
     }
 
+    /// Wraps JSON text the server assembled from parts that are themselves valid JSON (a stored
+    /// chat entry, say), without parsing it again. Checked in debug builds.
+    pub fn from_trusted(text: String) -> Self {
+        debug_assert!(
+            serde_json::from_str::<serde::de::IgnoredAny>(&text).is_ok(),
+            "not JSON: {text}"
+        );
+        Self(Bytes::from(text))
+    }
+
     pub fn as_bytes(&self) -> &[u8] {
         &self.0
     }

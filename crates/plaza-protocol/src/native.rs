@@ -7,8 +7,11 @@
 //! A frame that cannot be read as a request with a usable `id` gets an error whose `id` is
 //! `null`, as in JSON-RPC 2.0, and the connection stays open.
 
+use plaza_core::chat::{self, Peer};
 use plaza_core::command::{ConnectInfo, Outcome, Position, SubscribeInfo};
-use plaza_core::{ClientInfo, Command, ErrorCode, Payload, PresenceEvent, Publication, ReplyError};
+use plaza_core::{
+    ChatCommand, ClientInfo, Command, ErrorCode, Payload, PresenceEvent, Publication, ReplyError,
+};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
@@ -71,6 +74,22 @@ struct Params<'a> {
     query: Option<&'a RawValue>,
     #[serde(borrow)]
     subscription: Option<&'a RawValue>,
+    #[serde(borrow)]
+    user: Option<&'a RawValue>,
+    #[serde(borrow)]
+    group: Option<&'a RawValue>,
+    #[serde(borrow)]
+    id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    from: Option<&'a RawValue>,
+    #[serde(borrow)]
+    seq: Option<&'a RawValue>,
+    #[serde(borrow)]
+    all: Option<&'a RawValue>,
+    #[serde(borrow)]
+    before: Option<&'a RawValue>,
+    #[serde(borrow)]
+    limit: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -151,6 +170,10 @@ pub fn decode(text: &str) -> Result<Request, DecodeError> {
             subscription: required_string(params.subscription, "subscription").map_err(with_id)?,
         },
         "ping" => Command::Ping,
+        "send" | "ack" | "read" | "typing" | "group_join" | "group_leave" | "groups"
+        | "group_members" | "chat_history" | "unread" => {
+            Command::Chat(decode_chat(&method, &params).map_err(with_id)?)
+        }
         other => {
             return Err(with_id(ReplyError::new(
                 ErrorCode::UnknownMethod,
@@ -159,6 +182,85 @@ pub fn decode(text: &str) -> Result<Request, DecodeError> {
         }
     };
     Ok(Request { id, command })
+}
+
+fn decode_chat(method: &str, params: &Params) -> Result<ChatCommand, ReplyError> {
+    Ok(match method {
+        "send" => ChatCommand::Send {
+            to: parse_peer(params)?,
+            id: optional_string(params.id, "id")?,
+            data: params
+                .data
+                .map(Payload::from_raw)
+                .ok_or_else(|| bad("missing field 'params.data'"))?,
+        },
+        "ack" => {
+            let seqs = match params.seq {
+                None => Vec::new(),
+                Some(raw) => serde_json::from_str::<u64>(raw.get())
+                    .map(|seq| vec![seq])
+                    .or_else(|_| serde_json::from_str::<Vec<u64>>(raw.get()))
+                    .map_err(|_| {
+                        bad("field 'params.seq' must be an integer >= 0 or a list of them")
+                    })?,
+            };
+            let id = optional_string(params.id, "id")?;
+            if seqs.is_empty() && id.is_none() {
+                return Err(bad("ack needs 'params.seq' or 'params.id'"));
+            }
+            ChatCommand::Ack {
+                seqs,
+                id,
+                from: optional_string(params.from, "from")?,
+            }
+        }
+        "read" => ChatCommand::Read {
+            id: required_string(params.id, "id")?,
+            from: optional_string(params.from, "from")?,
+        },
+        "typing" => ChatCommand::Typing {
+            to: parse_peer(params)?,
+        },
+        "group_join" => ChatCommand::Join {
+            group: required_string(params.group, "group")?,
+        },
+        "group_leave" => ChatCommand::Leave {
+            group: required_string(params.group, "group")?,
+        },
+        "groups" => ChatCommand::Groups {
+            all: optional_json::<bool>(params.all, "all", "a boolean")?.unwrap_or(false),
+        },
+        "group_members" => ChatCommand::Members {
+            group: required_string(params.group, "group")?,
+        },
+        "chat_history" => ChatCommand::History {
+            with: parse_peer(params)?,
+            before: optional_json::<u64>(params.before, "before", "an integer >= 0")?,
+            limit: optional_json::<usize>(params.limit, "limit", "an integer >= 0")?,
+        },
+        _ => ChatCommand::Unread,
+    })
+}
+
+/// `{"user": ...}` or `{"group": ...}`, exactly one of them.
+fn parse_peer(params: &Params) -> Result<Peer, ReplyError> {
+    let user = optional_string(params.user, "user")?;
+    let group = optional_string(params.group, "group")?;
+    match (user, group) {
+        (Some(user), None) => Ok(Peer::User(user)),
+        (None, Some(group)) => Ok(Peer::Group(group)),
+        _ => Err(bad("give exactly one of 'params.user' and 'params.group'")),
+    }
+}
+
+fn optional_json<T: serde::de::DeserializeOwned>(
+    raw: Option<&RawValue>,
+    field: &str,
+    kind: &str,
+) -> Result<Option<T>, ReplyError> {
+    raw.map(|r| serde_json::from_str::<T>(r.get()))
+        .transpose()
+        .map_err(|_| bad(format!("field 'params.{field}' must be {kind}")))
 }
 
 fn parse_id(raw: Option<&RawValue>) -> Result<RequestId, ReplyError> {
@@ -242,6 +344,9 @@ pub fn encode_reply(id: &RequestId, outcome: &Result<Outcome, ReplyError>) -> St
                 ids.join(",")
             )
         }
+        Ok(Outcome::Json(result)) => {
+            format!("{{\"id\":{},\"result\":{}}}", id.as_json(), result.as_str())
+        }
         Ok(Outcome::PresenceStats { clients, users }) => format!(
             "{{\"id\":{},\"result\":{{\"num_clients\":{clients},\"num_users\":{users}}}}}",
             id.as_json()
@@ -276,8 +381,14 @@ fn encode_subscribed(id: &RequestId, info: &SubscribeInfo) -> String {
 
 fn encode_connected(id: &RequestId, info: &ConnectInfo) -> String {
     let channels: Vec<String> = info.channels.iter().map(|c| json_string(c)).collect();
+    let inbox = info.inbox.map_or(String::new(), |inbox| {
+        format!(
+            ",\"inbox\":{{\"pending\":{},\"dropped\":{},\"reset\":{}}}",
+            inbox.pending, inbox.dropped, inbox.reset
+        )
+    });
     format!(
-        "{{\"id\":{},\"result\":{{\"client\":{},\"user\":{},\"channels\":[{}],\"version\":{},\"protocol\":{VERSION},\"ping_interval\":{},\"max_frame_size\":{}}}}}",
+        "{{\"id\":{},\"result\":{{\"client\":{},\"user\":{},\"channels\":[{}],\"version\":{},\"protocol\":{VERSION},\"ping_interval\":{},\"max_frame_size\":{}{inbox}}}}}",
         id.as_json(),
         json_string(&info.client_id),
         json_string(&info.user),
@@ -350,6 +461,10 @@ pub fn encode_publication_parts(
     position: Option<&Position>,
     data: &Payload,
 ) -> String {
+    if chat::is_inbox(channel) {
+        // An inbox entry is stored as its push; the inbox offset becomes its `seq`.
+        return chat::with_number("seq", position.map_or(0, |p| p.offset), data.as_str());
+    }
     let channel = json_string(channel);
     let data = data.as_str();
     let mut out = String::with_capacity(80 + channel.len() + data.len());
@@ -519,6 +634,7 @@ mod tests {
             version: "0.1.0",
             ping_interval_secs: 25,
             max_frame_size: 65536,
+            inbox: None,
         };
         let v: serde_json::Value =
             serde_json::from_str(&encode_reply(&id, &Ok(Outcome::Connected(info)))).unwrap();

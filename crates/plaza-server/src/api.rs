@@ -20,6 +20,8 @@ use subtle::ConstantTimeEq;
 
 use crate::node::Node;
 
+mod chat;
+
 #[derive(Clone)]
 struct ApiState {
     node: Arc<Node>,
@@ -40,6 +42,7 @@ pub fn router(node: Arc<Node>, key: Arc<str>) -> Router {
         .route("/api/live/authorize", post(live_authorize))
         .route("/api/deltas", post(deltas))
         .route("/api/presence_stats", get(presence_stats))
+        .merge(chat::routes())
         .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
     Router::new()
         .merge(api)
@@ -139,6 +142,7 @@ async fn count_requests(State(state): State<ApiState>, request: Request, next: N
         Some("/api/live/authorize") => "/api/live/authorize",
         Some("/api/deltas") => "/api/deltas",
         Some("/api/presence_stats") => "/api/presence_stats",
+        Some(path) if path.starts_with("/api/chat/") => "/api/chat",
         Some("/metrics") => "/metrics",
         Some("/healthz") => "/healthz",
         _ => "other",
@@ -217,10 +221,12 @@ fn resolve<'n>(
 
 /// Maps a node error: the caller's mistakes are 400, the server's are 500.
 fn node_error(error: ReplyError) -> ApiError {
-    let status = if error.code == ErrorCode::Internal {
-        StatusCode::INTERNAL_SERVER_ERROR
-    } else {
-        StatusCode::BAD_REQUEST
+    let status = match error.code {
+        ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        ErrorCode::NotFound => StatusCode::NOT_FOUND,
+        ErrorCode::PermissionDenied => StatusCode::FORBIDDEN,
+        ErrorCode::AlreadySubscribed => StatusCode::CONFLICT,
+        _ => StatusCode::BAD_REQUEST,
     };
     ApiError { status, error }
 }

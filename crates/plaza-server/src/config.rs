@@ -14,6 +14,7 @@ use plaza_core::{AccessPolicy, Limits, NamespaceOptions, Namespaces};
 use serde::{Deserialize, Serialize};
 
 use crate::auth::AuthConfig;
+use crate::chat::ChatConfig;
 use crate::live::LiveConfig;
 use crate::node::Settings;
 
@@ -53,6 +54,8 @@ pub struct Config {
     pub auth: AuthConfig,
     /// Live views of the app's models: dealers and tokens.
     pub live: LiveConfig,
+    /// Chat: inboxes, groups, receipts.
+    pub chat: ChatConfig,
     /// Options of channels without a namespace.
     pub default_namespace: NamespaceOptions,
     /// Options per namespace: `[namespaces.chat]` for `chat:...` channels.
@@ -77,6 +80,7 @@ impl Default for Config {
             limits: Limits::default(),
             auth: AuthConfig::default(),
             live: LiveConfig::default(),
+            chat: ChatConfig::default(),
             default_namespace: NamespaceOptions::default(),
             namespaces: BTreeMap::new(),
         }
@@ -239,6 +243,7 @@ impl Config {
         self.live
             .validate()
             .map_err(|e| ConfigError::Invalid(format!("live: {e}")))?;
+        self.chat.validate().map_err(ConfigError::Invalid)?;
         let namespaces = std::iter::once(("default_namespace".to_owned(), &self.default_namespace))
             .chain(
                 self.namespaces

@@ -3,6 +3,7 @@
 mod api;
 mod auth;
 mod backend_key;
+mod chat;
 mod config;
 mod conn;
 mod hub;

@@ -17,6 +17,7 @@ use plaza_store::{ReadResult, Store, StreamOptions};
 use tokio::sync::OnceCell;
 
 use crate::auth::Auth;
+use crate::chat::{Chat, ChatConfig};
 use crate::hub::Hub;
 use crate::live::Live;
 
@@ -45,6 +46,7 @@ pub struct Node {
     pub hub: Arc<Hub>,
     pub auth: Auth,
     pub live: Live,
+    pub chat: Chat,
     pub broker: Arc<dyn Broker>,
     pub store: Arc<dyn Store>,
     pub settings: Settings,
@@ -66,15 +68,18 @@ impl Node {
         store: Arc<dyn Store>,
         auth: Auth,
         live: Live,
+        chat: ChatConfig,
     ) -> Arc<Self> {
         let hub = Arc::new(Hub::default());
         let broker = Arc::new(LocalBroker::new(hub.clone()));
         // Publications of channels with history are delivered by the store, in offset order.
         store.set_listener(hub.clone());
+        let chat = Chat::new(chat, Arc::clone(&store), Arc::clone(&hub));
         Arc::new(Self {
             hub,
             auth,
             live,
+            chat,
             broker,
             store,
             settings,

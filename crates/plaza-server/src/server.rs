@@ -64,6 +64,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         store.clone(),
         auth,
         live,
+        config.chat.clone(),
     );
 
     let public = Router::new()
@@ -150,6 +151,7 @@ async fn maintenance(node: Arc<Node>) {
     loop {
         ticker.tick().await;
         node.expire_idempotency_keys(Instant::now());
+        node.chat.prune_locks();
         let expired = node.live.expire(Instant::now());
         if expired > 0 {
             tracing::debug!(expired, "live tokens expired before they were redeemed");

@@ -5,15 +5,18 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Instant;
 
+use plaza_core::chat::{self as chat_rules, Peer};
 use plaza_core::{
-    AccessPolicy, ChannelName, ClientInfo, CloseCode, Command, ConnectInfo, ErrorCode,
-    NamespaceOptions, Outcome, Payload, Position, Publication, ReplyError, SubscribeInfo,
+    AccessPolicy, ChannelName, ChatCommand, ClientInfo, CloseCode, Command, ConnectInfo, ErrorCode,
+    InboxInfo, NamespaceOptions, Outcome, Payload, Position, Publication, ReplyError,
+    SubscribeInfo,
 };
 
 use crate::auth::app::{
     AppConnectDecision, AppConnectRequest, AppSubscribeDecision, AppSubscribeRequest, Forwarded,
 };
 use crate::auth::jwt::unix_now;
+use crate::chat::{Backlog, json_string};
 use crate::conn::ConnHandle;
 use crate::hub::Subscriber;
 use crate::live::{ClientSubscribeError, LiveSub};
@@ -72,6 +75,17 @@ pub struct Session {
     live: HashSet<u64>,
     /// Redeemed by the command being executed, for [`Handled::attach_live`].
     attach_live: Vec<Arc<LiveSub>>,
+    /// The user's inbox while this connection is still being sent its backlog.
+    inbox_catch_up: Option<InboxCatchUp>,
+}
+
+/// A connection whose inbox backlog did not fit in one go: the inbox subscriber stays parked
+/// (live entries wait) while the rest follows as the client acknowledges what it got.
+struct InboxCatchUp {
+    subscriber: Arc<Subscriber>,
+    epoch: String,
+    /// The last seq sent so far.
+    last: u64,
 }
 
 /// A publish's result: now, or once durable.
@@ -94,6 +108,7 @@ impl Session {
             recoveries: Vec::new(),
             live: HashSet::new(),
             attach_live: Vec::new(),
+            inbox_catch_up: None,
         }
     }
 
@@ -228,8 +243,235 @@ impl Session {
                 self.node.live.cancel(id);
                 Ok(Outcome::Done)
             }
+            Command::Chat(command) => {
+                let outcome = self.chat(command).await;
+                if let Err(e) = self.continue_inbox().await {
+                    tracing::warn!(conn = self.conn.id, error = %e, "inbox backlog: read failed");
+                }
+                outcome
+            }
             Command::Ping | Command::Connect { .. } => Ok(Outcome::Done),
         }
+    }
+
+    async fn chat(&mut self, command: ChatCommand) -> Result<Outcome, ReplyError> {
+        let node = Arc::clone(&self.node);
+        let chat = &node.chat;
+        if !chat.config.enabled {
+            return Err(ReplyError::new(
+                ErrorCode::UnknownMethod,
+                "chat is turned off on this server ([chat] enabled = false)",
+            ));
+        }
+        if self.user.is_empty() {
+            return Err(ReplyError::new(
+                ErrorCode::PermissionDenied,
+                "chat needs an authenticated user: connect with a token",
+            ));
+        }
+        let user = self.user.clone();
+        let json = |text: String| Ok(Outcome::Json(Payload::from_trusted(text)));
+        match command {
+            ChatCommand::Send { to, id, data } => {
+                let to = self.checked_peer(to)?;
+                let accepted = chat.send(&user, &to, id, data).await?;
+                json(format!(
+                    "{{\"status\":\"accepted\",\"id\":{},\"ts\":{},\"recipients\":{},\"duplicate\":{}}}",
+                    json_string(&accepted.id),
+                    accepted.ts,
+                    accepted.recipients,
+                    accepted.duplicate
+                ))
+            }
+            ChatCommand::Ack { seqs, id, from } => {
+                let mut acked = chat.ack_seqs(&user, &seqs).await?;
+                if let Some(id) = id {
+                    acked += chat.ack_id(&user, &id, from.as_deref()).await?;
+                }
+                json(format!("{{\"acked\":{acked}}}"))
+            }
+            ChatCommand::Read { id, from } => {
+                let read = chat.read(&user, &id, from.as_deref()).await?;
+                json(format!("{{\"read\":{read}}}"))
+            }
+            ChatCommand::Typing { to } => {
+                let to = self.checked_peer(to)?;
+                chat.typing(&user, &to).await?;
+                Ok(Outcome::Done)
+            }
+            ChatCommand::Join { group } => {
+                let (channel, options) = node.resolve_channel(&group)?;
+                if !options.client_join {
+                    return Err(ReplyError::new(
+                        ErrorCode::PermissionDenied,
+                        format!(
+                            "clients may not join groups in the namespace of '{channel}': it does not set client_join"
+                        ),
+                    ));
+                }
+                self.check_access(options.subscribe, &channel, None, "join")
+                    .await?;
+                let created = chat.join(channel.as_str(), &user).await?;
+                json(format!("{{\"created\":{created}}}"))
+            }
+            ChatCommand::Leave { group } => {
+                let (channel, _) = node.resolve_channel(&group)?;
+                chat.leave(channel.as_str(), &user).await?;
+                Ok(Outcome::Done)
+            }
+            ChatCommand::Groups { all } => {
+                let groups = if all {
+                    if !chat.config.list_all_groups {
+                        return Err(ReplyError::new(
+                            ErrorCode::PermissionDenied,
+                            "listing every group is turned off ([chat] list_all_groups)",
+                        ));
+                    }
+                    chat.all_groups(10_000).await?
+                } else {
+                    chat.groups_of(&user).await?
+                };
+                let list: Vec<String> = groups.iter().map(|g| json_string(g)).collect();
+                json(format!("{{\"groups\":[{}]}}", list.join(",")))
+            }
+            ChatCommand::Members { group } => {
+                let (channel, _) = node.resolve_channel(&group)?;
+                if !chat.is_member(channel.as_str(), &user).await? {
+                    return Err(ReplyError::new(
+                        ErrorCode::PermissionDenied,
+                        format!("'{user}' is not a member of '{channel}'"),
+                    ));
+                }
+                let members = chat.members(channel.as_str()).await?;
+                json(members_json(&members))
+            }
+            ChatCommand::History {
+                with,
+                before,
+                limit,
+            } => {
+                let with = self.checked_peer(with)?;
+                let conversation = chat.conversation(&user, &with, false).await?;
+                Ok(Outcome::Json(
+                    chat.history(&conversation, before, limit).await?,
+                ))
+            }
+            ChatCommand::Unread => {
+                let counts = chat.unread(&user).await?;
+                json(unread_json(&counts))
+            }
+        }
+    }
+
+    /// Validates a group name as a channel name (its namespace must exist).
+    fn checked_peer(&self, peer: Peer) -> Result<Peer, ReplyError> {
+        match peer {
+            Peer::Group(group) => {
+                let (channel, _) = self.node.resolve_channel(&group)?;
+                Ok(Peer::Group(channel.as_str().to_owned()))
+            }
+            user => Ok(user),
+        }
+    }
+
+    /// Subscribes this connection to its user's inbox and queues the unacknowledged entries
+    /// after the connect reply. `None` when chat is off or the connection is anonymous.
+    async fn attach_inbox(&mut self) -> Result<Option<InboxInfo>, ReplyError> {
+        let node = Arc::clone(&self.node);
+        let chat = &node.chat;
+        if !chat.config.enabled || self.user.is_empty() {
+            return Ok(None);
+        }
+        if let Err(e) = chat.register_user(&self.user).await {
+            if e.code == ErrorCode::BadRequest {
+                tracing::debug!(conn = self.conn.id, user = %self.user, "no chat inbox: {e}");
+                return Ok(None);
+            }
+            return Err(e);
+        }
+        let channel = chat_rules::inbox(&self.user);
+        let subscriber = Subscriber::parked(Arc::clone(&self.conn));
+        self.join(&channel, Arc::clone(&subscriber)).await?;
+        let came_online = node.hub.subscriber_count(channel.as_str()) == 1;
+        let budget = node.settings.limits.max_queue_bytes / 2;
+        let backlog = match chat.backlog(&self.user, budget).await {
+            Ok(backlog) => backlog,
+            Err(e) => {
+                self.channels.remove(channel.as_str());
+                self.leave(channel.as_arc()).await;
+                return Err(e);
+            }
+        };
+        let info = backlog.info();
+        self.queue_backlog(&channel, subscriber, backlog);
+        if came_online && let Err(e) = chat.announce_presence(&self.user, true).await {
+            tracing::warn!(user = %self.user, error = %e, "group presence not announced");
+        }
+        Ok(Some(info))
+    }
+
+    /// Queues a slice of the inbox. The last slice releases the parked subscriber (live entries
+    /// follow it); an earlier one goes out through a detached subscriber, never registered in the
+    /// hub, so the real one stays parked.
+    fn queue_backlog(
+        &mut self,
+        channel: &ChannelName,
+        subscriber: Arc<Subscriber>,
+        backlog: Backlog,
+    ) {
+        let last = backlog.last();
+        let publications = backlog
+            .entries
+            .into_iter()
+            .map(|(seq, data)| Publication {
+                channel: channel.clone(),
+                data,
+                position: Some(Position {
+                    epoch: backlog.top.epoch.clone(),
+                    offset: seq,
+                }),
+            })
+            .collect();
+        if backlog.more {
+            self.recoveries.push(Recovery {
+                subscriber: Subscriber::parked(Arc::clone(&self.conn)),
+                publications,
+                last_offset: 0,
+            });
+            self.inbox_catch_up = Some(InboxCatchUp {
+                subscriber,
+                epoch: backlog.top.epoch,
+                last,
+            });
+        } else {
+            self.recoveries.push(Recovery {
+                subscriber,
+                publications,
+                last_offset: backlog.top.offset,
+            });
+            self.inbox_catch_up = None;
+        }
+    }
+
+    /// Sends the next slice of a backlog once the client acknowledged half of what it got.
+    async fn continue_inbox(&mut self) -> Result<(), ReplyError> {
+        let Some(catch_up) = self.inbox_catch_up.take() else {
+            return Ok(());
+        };
+        let node = Arc::clone(&self.node);
+        let chat = &node.chat;
+        let cursor = chat.ack_cursor(&self.user).await?;
+        if cursor.saturating_add(chat.config.window as u64 / 2) < catch_up.last {
+            self.inbox_catch_up = Some(catch_up);
+            return Ok(());
+        }
+        let budget = node.settings.limits.max_queue_bytes / 2;
+        let backlog = chat
+            .backlog_after(&self.user, &catch_up.epoch, catch_up.last, budget)
+            .await?;
+        let channel = chat_rules::inbox(&self.user);
+        self.queue_backlog(&channel, catch_up.subscriber, backlog);
+        Ok(())
     }
 
     async fn subscribe(
@@ -361,6 +603,14 @@ impl Session {
                 }
             }
         }
+        let inbox = match self.attach_inbox().await {
+            Ok(inbox) => inbox,
+            Err(e) => {
+                tracing::warn!(conn = self.conn.id, user = %self.user, error = %e, "inbox not attached");
+                self.close_after = Some(CloseCode::Shutdown);
+                return Err(e);
+            }
+        };
         let settings = &self.node.settings;
         Ok(Outcome::Connected(ConnectInfo {
             client_id: self.conn.id.to_string(),
@@ -369,6 +619,7 @@ impl Session {
             version: env!("CARGO_PKG_VERSION"),
             ping_interval_secs: settings.ping_interval.as_secs(),
             max_frame_size: settings.limits.max_frame_size,
+            inbox,
         }))
     }
 
@@ -649,8 +900,36 @@ impl Session {
         }
         for channel in std::mem::take(&mut self.channels) {
             self.leave(&channel).await;
+            if chat_rules::is_inbox(&channel)
+                && !self.node.chat.is_online(&self.user)
+                && let Err(e) = self.node.chat.announce_presence(&self.user, false).await
+            {
+                tracing::warn!(user = %self.user, error = %e, "group presence not announced");
+            }
         }
     }
+}
+
+fn members_json(members: &[(String, bool)]) -> String {
+    let list: Vec<String> = members
+        .iter()
+        .map(|(user, online)| format!("{{\"user\":{},\"online\":{online}}}", json_string(user)))
+        .collect();
+    format!("{{\"members\":[{}]}}", list.join(","))
+}
+
+fn unread_json(counts: &[(Peer, u64)]) -> String {
+    let list: Vec<String> = counts
+        .iter()
+        .map(|(peer, unread)| {
+            let (field, name) = match peer {
+                Peer::User(u) => ("user", u),
+                Peer::Group(g) => ("group", g),
+            };
+            format!("{{\"{field}\":{},\"unread\":{unread}}}", json_string(name))
+        })
+        .collect();
+    format!("{{\"conversations\":[{}]}}", list.join(","))
 }
 
 fn no_presence(channel: &ChannelName) -> ReplyError {
