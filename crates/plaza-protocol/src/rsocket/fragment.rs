@@ -10,8 +10,9 @@ use thiserror::Error;
 
 use super::frame::{Frame, FrameType, HEADER_LEN, Payload};
 
-/// Smallest frame size [`fragment`] accepts (the same minimum as rsocket-py's).
-pub const MIN_FRAGMENT_LEN: usize = 64;
+/// Smallest frame size [`fragment`] accepts (rsocket-py's minimum is 64 bytes including the
+/// 3-byte TCP length prefix).
+pub const MIN_FRAGMENT_LEN: usize = 32;
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum FragmentError {
