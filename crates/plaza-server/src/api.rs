@@ -21,16 +21,27 @@ use subtle::ConstantTimeEq;
 use crate::node::Node;
 
 mod chat;
+mod hightemplar;
 
 #[derive(Clone)]
 struct ApiState {
     node: Arc<Node>,
     key: Arc<str>,
+    /// Set when `[hightemplar]` is configured.
+    hightemplar: Option<Arc<crate::hightemplar::HighTemplar>>,
 }
 
-pub fn router(node: Arc<Node>, key: Arc<str>) -> Router {
+pub fn router(
+    node: Arc<Node>,
+    key: Arc<str>,
+    hightemplar: Option<Arc<crate::hightemplar::HighTemplar>>,
+) -> Router {
     let body_limit = node.settings.limits.max_api_body_size;
-    let state = ApiState { node, key };
+    let state = ApiState {
+        node,
+        key,
+        hightemplar,
+    };
     let api = Router::new()
         .route("/api/publish", post(publish))
         .route("/api/broadcast", post(broadcast))
@@ -43,6 +54,7 @@ pub fn router(node: Arc<Node>, key: Arc<str>) -> Router {
         .route("/api/deltas", post(deltas))
         .route("/api/presence_stats", get(presence_stats))
         .merge(chat::routes())
+        .merge(hightemplar::routes())
         .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
     Router::new()
         .merge(api)
@@ -143,6 +155,7 @@ async fn count_requests(State(state): State<ApiState>, request: Request, next: N
         Some("/api/deltas") => "/api/deltas",
         Some("/api/presence_stats") => "/api/presence_stats",
         Some(path) if path.starts_with("/api/chat/") => "/api/chat",
+        Some("/api/hightemplar/trigger") => "/api/hightemplar/trigger",
         Some("/metrics") => "/metrics",
         Some("/healthz") => "/healthz",
         _ => "other",

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::auth::AuthConfig;
 use crate::chat::ChatConfig;
+use crate::hightemplar::HighTemplarConfig;
 use crate::live::LiveConfig;
 use crate::node::Settings;
 
@@ -60,6 +61,9 @@ pub struct Config {
     pub default_namespace: NamespaceOptions,
     /// Options per namespace: `[namespaces.chat]` for `chat:...` channels.
     pub namespaces: BTreeMap<String, NamespaceOptions>,
+    /// High-templar compatibility (`[hightemplar]`); off when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hightemplar: Option<HighTemplarConfig>,
 }
 
 impl Default for Config {
@@ -83,6 +87,7 @@ impl Default for Config {
             chat: ChatConfig::default(),
             default_namespace: NamespaceOptions::default(),
             namespaces: BTreeMap::new(),
+            hightemplar: None,
         }
     }
 }
@@ -268,6 +273,16 @@ impl Config {
                 return invalid(format!("{name}.join_leave needs {name}.presence = true"));
             }
         }
+        // [hightemplar]
+        if let Some(ht) = &self.hightemplar {
+            ht.validate().map_err(ConfigError::Invalid)?;
+            if ht.paths.contains(&self.native_path) {
+                return invalid(format!(
+                    "native_path '{}' is also in hightemplar.paths",
+                    self.native_path
+                ));
+            }
+        }
         if self.ping_interval_secs > 3600 || self.connect_timeout_secs > 3600 {
             return invalid(
                 "ping_interval_secs and connect_timeout_secs must be at most 3600".into(),
@@ -302,6 +317,7 @@ impl Config {
             shown.backend_key = Some("<set, not shown>".into());
         }
         shown.auth = shown.auth.redacted();
+        shown.hightemplar = shown.hightemplar.map(|h| h.redacted());
         toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
     }
 }

@@ -27,6 +27,17 @@ pub struct Subscriber {
     /// `parked` until the recovered ones are queued ahead of them.
     parking: AtomicBool,
     parked: Mutex<Option<Vec<(u64, Utf8Bytes)>>>,
+    /// Set for protocols whose publication frame differs per subscription (High-templar puts
+    /// the subscription's requestId in it): they encode their own frames.
+    frames: Option<Arc<dyn SubscriptionFrames>>,
+}
+
+/// Encodes and queues the frames of one publication for a subscriber whose frames depend on
+/// the subscription (DESIGN §2: per subscription only where the protocol needs an id).
+pub trait SubscriptionFrames: Send + Sync {
+    /// Queues this subscription's frames for `data` on `conn`; returns how many were queued.
+    /// Runs under the index's shard lock: it must not block.
+    fn offer(&self, conn: &ConnHandle, data: &Payload) -> u64;
 }
 
 impl Subscriber {
@@ -37,6 +48,18 @@ impl Subscriber {
             last_offset: AtomicU64::new(0),
             parking: AtomicBool::new(false),
             parked: Mutex::new(None),
+            frames: None,
+        })
+    }
+
+    /// A subscriber that encodes its own frames.
+    pub fn with_frames(conn: Arc<ConnHandle>, frames: Arc<dyn SubscriptionFrames>) -> Arc<Self> {
+        Arc::new(Self {
+            conn,
+            last_offset: AtomicU64::new(0),
+            parking: AtomicBool::new(false),
+            parked: Mutex::new(None),
+            frames: Some(frames),
         })
     }
 
@@ -47,6 +70,7 @@ impl Subscriber {
             last_offset: AtomicU64::new(0),
             parking: AtomicBool::new(true),
             parked: Mutex::new(Some(Vec::new())),
+            frames: None,
         })
     }
 
@@ -188,6 +212,10 @@ impl Hub {
         // A refused push has already closed that connection (slow consumer) or found it closing;
         // the writer counts the disconnect.
         self.index.for_each_subscriber(channel, |_, subscriber| {
+            if let Some(frames) = &subscriber.frames {
+                delivered += frames.offer(&subscriber.conn, data);
+                return;
+            }
             let frame = frame.get_or_insert_with(|| {
                 Utf8Bytes::from(native::encode_publication_parts(channel, position, data))
             });

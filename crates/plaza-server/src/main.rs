@@ -6,6 +6,7 @@ mod backend_key;
 mod chat;
 mod config;
 mod conn;
+mod hightemplar;
 mod hub;
 mod keepalive;
 mod live;

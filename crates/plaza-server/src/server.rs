@@ -18,6 +18,7 @@ use tokio::sync::watch;
 use crate::auth::Auth;
 use crate::backend_key::{self, KeySource};
 use crate::config::Config;
+use crate::hightemplar::HighTemplar;
 use crate::live::Live;
 use crate::node::Node;
 use crate::{api, keepalive, ws};
@@ -67,11 +68,20 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         config.chat.clone(),
     );
 
-    let public = Router::new()
-        .route(&config.native_path, get(ws::upgrade))
+    // High-templar (`[hightemplar]`): its WebSocket paths, triggers from RabbitMQ and HTTP.
+    let hightemplar = match &config.hightemplar {
+        Some(ht) => Some(HighTemplar::start(ht, Arc::clone(&node))?),
+        None => None,
+    };
+
+    let mut public = Router::new().route(&config.native_path, get(ws::upgrade));
+    if let (Some(ht), Some(cfg)) = (&hightemplar, &config.hightemplar) {
+        public = public.merge(ht.router(&cfg.paths));
+    }
+    let public = public
         .fallback(|| async { (StatusCode::NOT_FOUND, "no such endpoint\n") })
         .with_state(Arc::clone(&node));
-    let backend = api::router(Arc::clone(&node), Arc::from(key));
+    let backend = api::router(Arc::clone(&node), Arc::from(key), hightemplar);
 
     let public_listener = TcpListener::bind(config.listen)
         .await

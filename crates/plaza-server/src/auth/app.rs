@@ -117,10 +117,9 @@ pub enum AppError {
 /// HTTP client for `connect_url` and `subscribe_url`.
 #[derive(Clone)]
 pub struct AppClient {
-    client: Client<HttpConnector, Full<Bytes>>,
+    http: AppHttp,
     connect_url: Option<Uri>,
     subscribe_url: Option<Uri>,
-    timeout: Duration,
     forward_headers: Vec<HeaderName>,
     forward_query: Vec<String>,
 }
@@ -130,7 +129,7 @@ impl std::fmt::Debug for AppClient {
         f.debug_struct("AppClient")
             .field("connect_url", &self.connect_url)
             .field("subscribe_url", &self.subscribe_url)
-            .field("timeout", &self.timeout)
+            .field("timeout", &self.http.timeout)
             .finish_non_exhaustive()
     }
 }
@@ -182,19 +181,10 @@ impl AppClient {
             .collect::<Result<Vec<_>, _>>()
             .map_err(AuthSetupError::Invalid)?;
 
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(timeout));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(POOL_IDLE)
-            .http1_max_buf_size(MAX_ANSWER_BYTES)
-            .build(connector);
         Ok(Some(Self {
-            client,
+            http: AppHttp::new(timeout, None),
             connect_url,
             subscribe_url,
-            timeout,
             forward_headers,
             forward_query: config.forward_query.clone(),
         }))
@@ -340,59 +330,157 @@ impl AppClient {
         }
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
 
+        let response = self.http.send(request, MAX_ANSWER_BYTES).await?;
+        let status = response.status;
+        if status.is_server_error() {
+            return Err(AppError::Unavailable(format!(
+                "POST {url}: status {status}"
+            )));
+        }
+        if status.is_client_error() {
+            return Ok(Answer::Denied(format!(
+                "the application refused (status {})",
+                status.as_u16()
+            )));
+        }
+        if status != StatusCode::OK {
+            return Err(AppError::BadAnswer(format!(
+                "POST {url}: status {status}; expected 200 with a JSON decision \
+                 (redirects are not followed)"
+            )));
+        }
+        let answer: Map<String, Value> = serde_json::from_slice(&response.body).map_err(|_| {
+            AppError::BadAnswer(format!("POST {url}: the answer is not a JSON object"))
+        })?;
+        Ok(Answer::Decision(answer))
+    }
+}
+
+/// An answer of the app: its status, and its body when the status is 200 (other bodies are not
+/// read).
+#[derive(Debug)]
+pub struct AppResponse {
+    pub status: StatusCode,
+    pub body: Bytes,
+}
+
+/// One HTTP/1.1 exchange with the app, bounded in time from the first byte of connecting to the
+/// last byte of the answer, and in answer size. Shared by the `connect`/`subscribe` calls and
+/// High-templar's bootstrap call. Over TCP (pooled connections) or, with `unix_socket`, over a
+/// unix socket (one connection per call; the URL still gives the path and the `Host` header).
+#[derive(Clone)]
+pub struct AppHttp {
+    client: Client<HttpConnector, Full<Bytes>>,
+    unix_socket: Option<std::sync::Arc<std::path::Path>>,
+    timeout: Duration,
+}
+
+impl AppHttp {
+    /// Needs no runtime; the calls do.
+    pub fn new(timeout: Duration, unix_socket: Option<std::path::PathBuf>) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(timeout));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(POOL_IDLE)
+            .http1_max_buf_size(MAX_ANSWER_BYTES)
+            .build(connector);
+        Self {
+            client,
+            unix_socket: unix_socket.map(std::sync::Arc::from),
+            timeout,
+        }
+    }
+
+    /// Sends `request` (an absolute `http://` URI) and reads a 200's body, at most `max_body`
+    /// bytes. Any status is an `Ok`; the caller decides what it means.
+    pub async fn send(
+        &self,
+        request: Request<Full<Bytes>>,
+        max_body: usize,
+    ) -> Result<AppResponse, AppError> {
+        let label = format!("{} {}", request.method(), request.uri());
         let exchange = async {
-            let response =
-                self.client.request(request).await.map_err(|e| {
-                    AppError::Unavailable(format!("POST {url}: {}", error_chain(&e)))
-                })?;
+            let response = match &self.unix_socket {
+                None => self
+                    .client
+                    .request(request)
+                    .await
+                    .map_err(|e| error_chain(&e)),
+                Some(path) => send_unix(path, request).await,
+            }
+            .map_err(|e| AppError::Unavailable(format!("{label}: {e}")))?;
             let status = response.status();
-            if status.is_server_error() {
-                return Err(AppError::Unavailable(format!(
-                    "POST {url}: status {status}"
-                )));
-            }
-            if status.is_client_error() {
-                return Ok(Answer::Denied(format!(
-                    "the application refused (status {})",
-                    status.as_u16()
-                )));
-            }
             if status != StatusCode::OK {
-                return Err(AppError::BadAnswer(format!(
-                    "POST {url}: status {status}; expected 200 with a JSON decision \
-                     (redirects are not followed)"
-                )));
+                return Ok(AppResponse {
+                    status,
+                    body: Bytes::new(),
+                });
             }
-            let bytes = Limited::new(response.into_body(), MAX_ANSWER_BYTES)
+            let body = Limited::new(response.into_body(), max_body)
                 .collect()
                 .await
                 .map_err(|e| {
                     if e.downcast_ref::<LengthLimitError>().is_some() {
                         AppError::BadAnswer(format!(
-                            "POST {url}: the answer is larger than {MAX_ANSWER_BYTES} bytes"
+                            "{label}: the answer is larger than {max_body} bytes"
                         ))
                     } else {
                         AppError::Unavailable(format!(
-                            "POST {url}: reading the answer: {}",
+                            "{label}: reading the answer: {}",
                             error_chain(e.as_ref())
                         ))
                     }
                 })?
                 .to_bytes();
-            let answer: Map<String, Value> = serde_json::from_slice(&bytes).map_err(|_| {
-                AppError::BadAnswer(format!("POST {url}: the answer is not a JSON object"))
-            })?;
-            Ok(Answer::Decision(answer))
+            Ok(AppResponse { status, body })
         };
         tokio::time::timeout(self.timeout, exchange)
             .await
             .map_err(|_| {
                 AppError::Unavailable(format!(
-                    "POST {url}: no answer within {} ms",
+                    "{label}: no answer within {} ms",
                     self.timeout.as_millis()
                 ))
             })?
     }
+}
+
+/// One request over a new unix-socket connection: origin-form target, `Host` from the URL.
+async fn send_unix(
+    path: &std::path::Path,
+    mut request: Request<Full<Bytes>>,
+) -> Result<hyper::Response<hyper::body::Incoming>, String> {
+    let stream = tokio::net::UnixStream::connect(path)
+        .await
+        .map_err(|e| format!("cannot connect to {}: {e}", path.display()))?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| error_chain(&e))?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    if let Some(authority) = request.uri().authority().cloned()
+        && !request.headers().contains_key(hyper::http::header::HOST)
+        && let Ok(host) = HeaderValue::from_str(authority.as_str())
+    {
+        request
+            .headers_mut()
+            .insert(hyper::http::header::HOST, host);
+    }
+    let target = request
+        .uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .parse::<Uri>()
+        .map_err(|e| e.to_string())?;
+    *request.uri_mut() = target;
+    sender
+        .send_request(request)
+        .await
+        .map_err(|e| error_chain(&e))
 }
 
 enum Answer {
