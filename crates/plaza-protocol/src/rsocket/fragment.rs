@@ -292,3 +292,153 @@ pub fn fragment(frame: Frame, max_frame_len: usize) -> Result<Vec<Frame>, Fragme
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn payload_fragment(stream_id: u32, follows: bool, data: &'static [u8]) -> Frame {
+        Frame::Payload {
+            stream_id,
+            follows,
+            complete: false,
+            next: true,
+            payload: Payload::data(data),
+        }
+    }
+
+    #[test]
+    fn request_then_payload_fragments() {
+        let mut r = Reassembler::new(100, 100);
+        let first = Frame::RequestChannel {
+            stream_id: 1,
+            follows: true,
+            complete: false,
+            initial_n: 7,
+            payload: Payload::new(Some(Bytes::from_static(b"me")), Bytes::from_static(b"ab")),
+        };
+        assert_eq!(r.push(first).unwrap(), None);
+        assert!(r.in_progress(1));
+        // Another stream passes through meanwhile.
+        assert_eq!(
+            r.push(Frame::complete(3)).unwrap(),
+            Some(Frame::complete(3))
+        );
+        assert_eq!(r.push(payload_fragment(1, true, b"cd")).unwrap(), None);
+        assert_eq!(r.buffered_len(), 6);
+        let last = Frame::Payload {
+            stream_id: 1,
+            follows: false,
+            complete: true,
+            next: true,
+            payload: Payload::data("e"),
+        };
+        let whole = r.push(last).unwrap().unwrap();
+        assert_eq!(
+            whole,
+            Frame::RequestChannel {
+                stream_id: 1,
+                follows: false,
+                complete: true,
+                initial_n: 7,
+                payload: Payload::new(
+                    Some(Bytes::from_static(b"me")),
+                    Bytes::from_static(b"abcde")
+                ),
+            }
+        );
+        assert_eq!(r.buffered_len(), 0);
+    }
+
+    #[test]
+    fn limits_and_protocol_errors_drop_the_partial() {
+        let mut r = Reassembler::new(5, 8);
+        assert_eq!(r.push(payload_fragment(1, true, b"abc")).unwrap(), None);
+        assert_eq!(
+            r.push(payload_fragment(1, true, b"def")),
+            Err(FragmentError::TooLarge {
+                stream_id: 1,
+                max: 5
+            })
+        );
+        assert!(!r.in_progress(1));
+        assert_eq!(r.buffered_len(), 0);
+
+        assert_eq!(r.push(payload_fragment(1, true, b"abcd")).unwrap(), None);
+        assert_eq!(r.push(payload_fragment(3, true, b"abcd")).unwrap(), None);
+        assert_eq!(
+            r.push(payload_fragment(5, true, b"a")),
+            Err(FragmentError::BufferFull {
+                stream_id: 5,
+                max: 8
+            })
+        );
+        assert_eq!(r.buffered_len(), 8);
+
+        let rr = Frame::RequestResponse {
+            stream_id: 3,
+            follows: false,
+            payload: Payload::default(),
+        };
+        assert_eq!(
+            r.push(rr),
+            Err(FragmentError::UnexpectedFrame {
+                stream_id: 3,
+                frame_type: FrameType::RequestResponse
+            })
+        );
+        assert_eq!(r.buffered_len(), 4);
+        assert_eq!(
+            r.push(Frame::Cancel { stream_id: 1 }).unwrap(),
+            Some(Frame::Cancel { stream_id: 1 })
+        );
+        assert_eq!(r.buffered_len(), 0);
+    }
+
+    #[test]
+    fn fragment_keeps_metadata_first_and_flags_on_the_last() {
+        let big = Frame::next(
+            9,
+            Payload::new(Some(Bytes::from(vec![1; 70])), Bytes::from(vec![2; 70])),
+            true,
+        );
+        let pieces = fragment(big.clone(), 32).unwrap();
+        assert!(pieces.iter().all(|p| p.encoded_len() <= 32));
+        let (last, init) = pieces.split_last().unwrap();
+        assert!(init.iter().all(|p| p.follows()
+            && matches!(
+                p,
+                Frame::Payload {
+                    complete: false,
+                    ..
+                }
+            )));
+        assert!(matches!(
+            last,
+            Frame::Payload {
+                follows: false,
+                complete: true,
+                next: true,
+                ..
+            }
+        ));
+        let mut seen_data = false;
+        for p in &pieces {
+            let payload = p.payload().unwrap();
+            assert!(!(seen_data && payload.metadata.is_some()));
+            seen_data |= !payload.data.is_empty();
+        }
+        let mut r = Reassembler::new(1000, 1000);
+        let out: Vec<_> = pieces
+            .into_iter()
+            .filter_map(|p| r.push(p).unwrap())
+            .collect();
+        assert_eq!(out, [big]);
+        assert_eq!(
+            fragment(Frame::complete(1), 31),
+            Err(FragmentError::FragmentSizeTooSmall(31))
+        );
+    }
+}

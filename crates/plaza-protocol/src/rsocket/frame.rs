@@ -1049,3 +1049,243 @@ pub(crate) fn put_u24(out: &mut BytesMut, len: usize) {
     out.put_u8((len >> 16) as u8);
     out.put_u16(len as u16);
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn hex(s: &str) -> Bytes {
+        let s: String = s.split_whitespace().collect();
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect::<Vec<_>>()
+            .into()
+    }
+
+    /// Encodes to exactly `wire`, and `wire` decodes to `frame`.
+    fn both_ways(frame: Frame, wire: &str) {
+        let wire = hex(wire);
+        assert_eq!(frame.to_bytes().unwrap(), wire);
+        assert_eq!(frame.encoded_len(), wire.len());
+        assert_eq!(Frame::decode(wire).unwrap(), frame);
+    }
+
+    #[test]
+    fn tutorial_setup() {
+        // rsocket-py 0.4.20 RSocketClient(metadata_encoding=composite): stream 0, type 1, no flags,
+        // version 1.0, keepalive 1000 ms, lifetime 600000 ms, the two mime types, no payload.
+        both_ways(
+            Frame::Setup(Setup {
+                major_version: 1,
+                minor_version: 0,
+                keepalive_ms: 1000,
+                max_lifetime_ms: 600_000,
+                lease: false,
+                resume_token: None,
+                metadata_mime: "message/x.rsocket.composite-metadata.v0".into(),
+                data_mime: "application/json".into(),
+                payload: Payload::default(),
+            }),
+            "00000000 0400 0001 0000 000003e8 000927c0
+             27 6d6573736167652f782e72736f636b65742e636f6d706f736974652d6d657461646174612e7630
+             10 6170706c69636174696f6e2f6a736f6e",
+        );
+    }
+
+    #[test]
+    fn routed_request_response_and_its_reply() {
+        // REQUEST_RESPONSE on stream 1 with M: metadata length 10 = routing entry 0xFE, length 6,
+        // tag "login"; data "user1".
+        both_ways(
+            Frame::RequestResponse {
+                stream_id: 1,
+                follows: false,
+                payload: Payload::new(
+                    Some(hex("fe000006 05 6c6f67696e")),
+                    Bytes::from_static(b"user1"),
+                ),
+            },
+            "00000001 1100 00000a fe000006056c6f67696e 7573657231",
+        );
+        // PAYLOAD N|C with the session id; PAYLOAD C alone for an empty completion.
+        both_ways(
+            Frame::next(1, Payload::data("sid"), true),
+            "00000001 2860 736964",
+        );
+        both_ways(Frame::complete(3), "00000003 2840");
+    }
+
+    #[test]
+    fn request_stream_with_unbounded_n_and_stream_elements() {
+        both_ways(
+            Frame::RequestStream {
+                stream_id: 5,
+                follows: false,
+                initial_n: MAX_REQUEST_N,
+                payload: Payload::new(
+                    Some(hex("fe00000e0d6368616e6e656c2e7573657273")),
+                    Bytes::from_static(b"channel1"),
+                ),
+            },
+            "00000005 1900 7fffffff 000012 fe00000e0d6368616e6e656c2e7573657273 6368616e6e656c31",
+        );
+        both_ways(
+            Frame::next(5, Payload::data("user2"), false),
+            "00000005 2820 7573657232",
+        );
+        both_ways(Frame::Cancel { stream_id: 7 }, "00000007 2400");
+        both_ways(
+            Frame::RequestN { stream_id: 7, n: 2 },
+            "00000007 2000 00000002",
+        );
+        both_ways(
+            Frame::error(19, ErrorCode::APPLICATION_ERROR, "no.such.route"),
+            "00000013 2c00 00000201 6e6f2e737563682e726f757465",
+        );
+    }
+
+    #[test]
+    fn keepalive_and_its_reply() {
+        let ka = Frame::Keepalive {
+            respond: true,
+            last_received_position: 0,
+            data: Bytes::new(),
+        };
+        both_ways(ka.clone(), "00000000 0c80 0000000000000000");
+        let reply = ka.keepalive_reply().unwrap();
+        both_ways(reply.clone(), "00000000 0c00 0000000000000000");
+        assert_eq!(reply.keepalive_reply(), None);
+    }
+
+    #[test]
+    fn setup_lease_and_resume_are_decoded_and_unsupported() {
+        let lease = hex("00000000 0440 0001 0000 000003e8 000927c0 01 61 01 62");
+        let Frame::Setup(s) = Frame::decode(lease).unwrap() else {
+            panic!()
+        };
+        assert!(s.lease);
+        assert_eq!(
+            s.unsupported().map(|u| u.0),
+            Some(ErrorCode::UNSUPPORTED_SETUP)
+        );
+        let resume = hex("00000000 0480 0001 0000 000003e8 000927c0 0002 7474 01 61 01 62");
+        let Frame::Setup(s) = Frame::decode(resume).unwrap() else {
+            panic!()
+        };
+        assert_eq!(s.resume_token, Some(Bytes::from_static(b"tt")));
+        assert_eq!(
+            s.unsupported().map(|u| u.0),
+            Some(ErrorCode::UNSUPPORTED_SETUP)
+        );
+        let v2 = hex("00000000 0400 0002 0000 000003e8 000927c0 01 61 01 62");
+        let Frame::Setup(s) = Frame::decode(v2).unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            s.unsupported().map(|u| u.0),
+            Some(ErrorCode::UNSUPPORTED_SETUP)
+        );
+    }
+
+    #[test]
+    fn malformed_frames_are_errors() {
+        assert_eq!(
+            Frame::decode(hex("0000000104")),
+            Err(FrameError::TooShort { len: 5 })
+        );
+        // Metadata length beyond the frame.
+        assert_eq!(
+            Frame::decode(hex("00000001 1100 000005 fe00")),
+            Err(FrameError::Truncated {
+                frame_type: FrameType::RequestResponse
+            })
+        );
+        // SETUP cut in its mime type: INVALID_SETUP.
+        let err =
+            Frame::decode(hex("00000000 0400 0001 0000 000003e8 000927c0 05 61")).unwrap_err();
+        assert_eq!(err.error_code(), ErrorCode::INVALID_SETUP);
+        assert_eq!(
+            Frame::decode(hex("00000003 0c00 0000000000000000")),
+            Err(FrameError::ConnectionFrameOnStream {
+                frame_type: FrameType::Keepalive,
+                stream_id: 3
+            })
+        );
+        assert_eq!(
+            Frame::decode(hex("00000000 2400")),
+            Err(FrameError::StreamFrameOnConnection {
+                frame_type: FrameType::Cancel
+            })
+        );
+        let unknown = Frame::decode(hex("00000001 3e00")).unwrap_err();
+        assert_eq!(
+            unknown,
+            FrameError::UnknownFrameType {
+                frame_type: 0x0f,
+                ignore: true
+            }
+        );
+        assert!(unknown.is_ignorable());
+        assert!(
+            !Frame::decode(hex("00000001 3c00"))
+                .unwrap_err()
+                .is_ignorable()
+        );
+        assert_eq!(
+            Frame::decode(hex("00000000 3000 01")),
+            Err(FrameError::MetadataPushWithoutMetadata)
+        );
+    }
+
+    #[test]
+    fn reserved_bits_are_masked() {
+        // Stream id and request n with their reserved top bit set.
+        assert_eq!(
+            Frame::decode(hex("80000003 2000 80000005")).unwrap(),
+            Frame::RequestN { stream_id: 3, n: 5 }
+        );
+    }
+
+    #[test]
+    fn encoding_out_of_range_fails_without_writing() {
+        let mut out = BytesMut::new();
+        let too_big = Frame::RequestN {
+            stream_id: 1,
+            n: MAX_REQUEST_N + 1,
+        };
+        assert!(matches!(
+            too_big.encode(&mut out),
+            Err(FrameError::OutOfRange { .. })
+        ));
+        let on_zero = Frame::Cancel { stream_id: 0 };
+        assert!(on_zero.encode(&mut out).is_err());
+        let huge = Frame::next(
+            1,
+            Payload::new(
+                Some(Bytes::from(vec![0; MAX_METADATA_LEN + 1])),
+                Bytes::new(),
+            ),
+            true,
+        );
+        assert!(matches!(
+            huge.encode(&mut out),
+            Err(FrameError::TooLong { .. })
+        ));
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn metadata_flag_with_empty_metadata_is_kept() {
+        both_ways(
+            Frame::next(
+                1,
+                Payload::new(Some(Bytes::new()), Bytes::from_static(b"d")),
+                false,
+            ),
+            "00000001 2920 000000 64",
+        );
+    }
+}

@@ -97,3 +97,60 @@ pub fn encode_length_prefixed(frame: &Frame, out: &mut BytesMut) -> Result<(), F
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn frames_split_across_reads() {
+        let codec = LengthPrefixed::default();
+        let mut wire = BytesMut::new();
+        encode_length_prefixed(&Frame::Cancel { stream_id: 3 }, &mut wire).unwrap();
+        encode_length_prefixed(&Frame::RequestN { stream_id: 3, n: 1 }, &mut wire).unwrap();
+        assert_eq!(&wire[..9], &[0, 0, 6, 0, 0, 0, 3, 0x24, 0]);
+        let mut buf = BytesMut::new();
+        let mut frames = Vec::new();
+        for b in wire.iter() {
+            buf.extend_from_slice(&[*b]);
+            while let Some(f) = codec.next_frame(&mut buf).unwrap() {
+                frames.push(f);
+            }
+        }
+        assert_eq!(
+            frames,
+            [
+                Frame::Cancel { stream_id: 3 },
+                Frame::RequestN { stream_id: 3, n: 1 }
+            ]
+        );
+    }
+
+    #[test]
+    fn too_large_is_reported_from_the_prefix_alone() {
+        let codec = LengthPrefixed::new(100);
+        let mut buf = BytesMut::from(&[0, 0, 101][..]);
+        assert_eq!(
+            codec.next_frame_bytes(&mut buf),
+            Err(FramingError::TooLarge { len: 101, max: 100 })
+        );
+        let mut buf = BytesMut::from(&[0, 0][..]);
+        assert_eq!(codec.next_frame_bytes(&mut buf), Ok(None));
+    }
+
+    #[test]
+    fn a_bad_frame_is_consumed() {
+        let codec = LengthPrefixed::default();
+        let mut buf = BytesMut::from(&[0, 0, 1, 7, 0, 0, 6, 0, 0, 0, 3, 0x24, 0][..]);
+        assert!(matches!(
+            codec.next_frame(&mut buf),
+            Err(FramingError::Frame(FrameError::TooShort { len: 1 }))
+        ));
+        assert_eq!(
+            codec.next_frame(&mut buf).unwrap(),
+            Some(Frame::Cancel { stream_id: 3 })
+        );
+    }
+}

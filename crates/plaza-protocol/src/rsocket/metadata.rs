@@ -304,3 +304,88 @@ pub fn encode_routing<S: AsRef<str>>(tags: &[S]) -> Result<Bytes, MetadataError>
     }
     Ok(out.freeze())
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn routing_and_custom_entries() {
+        // route("file.upload") then the custom mime chat/file-name ("byte holds length - 1").
+        let mut wire = vec![0xFE, 0, 0, 12, 11];
+        wire.extend(b"file.upload");
+        wire.push(13);
+        wire.extend(b"chat/file-name");
+        wire.extend([0, 0, 15]);
+        wire.extend(b"file_name_1.txt");
+        let wire = Bytes::from(wire);
+        let md = CompositeMetadata::decode(&wire).unwrap();
+        assert_eq!(md.route().unwrap(), "file.upload");
+        assert_eq!(
+            md.find("chat/file-name").unwrap().content,
+            "file_name_1.txt"
+        );
+        assert_eq!(
+            md.entries[1].mime,
+            MimeType::Custom("chat/file-name".into())
+        );
+        let built = CompositeMetadata::new()
+            .with_route(&["file.upload"])
+            .unwrap()
+            .with(MimeType::from_name("chat/file-name"), "file_name_1.txt");
+        assert_eq!(built.to_bytes().unwrap(), wire);
+    }
+
+    #[test]
+    fn well_known_names_match_either_encoding() {
+        assert_eq!(MimeType::from_name(ROUTING_MIME), MimeType::ROUTING);
+        assert!(MimeType::Custom(ROUTING_MIME.into()).is(ROUTING_MIME));
+        let md = CompositeMetadata::new().with(
+            MimeType::Custom(ROUTING_MIME.into()),
+            encode_routing(&["x"]).unwrap(),
+        );
+        assert_eq!(md.route().unwrap(), "x");
+        assert_eq!(MimeType::WellKnown(0x50).name(), None);
+    }
+
+    #[test]
+    fn errors() {
+        assert_eq!(
+            CompositeMetadata::new().route(),
+            Err(MetadataError::NoRoute)
+        );
+        let empty_route = CompositeMetadata::new().with(MimeType::ROUTING, Bytes::new());
+        assert_eq!(empty_route.route(), Err(MetadataError::NoRoute));
+        assert_eq!(
+            CompositeMetadata::decode(&Bytes::from_static(&[0xFE, 0, 0])),
+            Err(MetadataError::Truncated)
+        );
+        assert_eq!(
+            CompositeMetadata::decode(&Bytes::from_static(&[0xFE, 0, 0, 2, 1])),
+            Err(MetadataError::Truncated)
+        );
+        assert_eq!(
+            CompositeMetadata::decode(&Bytes::from_static(&[0x01, b'a'])),
+            Err(MetadataError::Truncated)
+        );
+        assert_eq!(
+            CompositeMetadata::decode(&Bytes::from_static(&[0x00, 0xC3, 0, 0, 0])),
+            Err(MetadataError::MimeNotAscii)
+        );
+        assert_eq!(
+            decode_routing(&[3, b'a']),
+            Err(MetadataError::RoutingTruncated)
+        );
+        assert_eq!(decode_routing(&[1, 0xFF]), Err(MetadataError::TagNotUtf8));
+        assert_eq!(
+            encode_routing(&["x".repeat(256)]),
+            Err(MetadataError::TagTooLong(256))
+        );
+        let bad = CompositeMetadata::new().with(MimeType::Custom(String::new()), Bytes::new());
+        assert_eq!(bad.to_bytes(), Err(MetadataError::BadMimeLength(0)));
+        let bad = CompositeMetadata::new().with(MimeType::WellKnown(0x80), Bytes::new());
+        assert_eq!(bad.to_bytes(), Err(MetadataError::BadWellKnownId(0x80)));
+    }
+}

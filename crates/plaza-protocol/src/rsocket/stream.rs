@@ -83,3 +83,43 @@ impl Default for ServerStreamIds {
         Self::new()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credit() {
+        let mut c = Credit::new(2);
+        assert!(c.take() && c.take());
+        assert!(!c.take());
+        c.grant(0);
+        assert!(!c.take());
+        c.grant(1);
+        assert!(c.take());
+        c.grant(u32::MAX);
+        assert!(c.is_unbounded());
+        for _ in 0..10 {
+            assert!(c.take());
+        }
+        assert_eq!(c.available(), MAX_REQUEST_N);
+        let mut c = Credit::new(MAX_REQUEST_N - 1);
+        c.grant(5);
+        assert!(c.is_unbounded());
+        assert!(Credit::new(u32::MAX).is_unbounded());
+        assert!(Credit::unbounded().is_unbounded());
+    }
+
+    #[test]
+    fn stream_ids() {
+        assert!(is_client_stream_id(1) && !is_client_stream_id(2));
+        let mut ids = ServerStreamIds::new();
+        assert_eq!((ids.next_id(), ids.next_id()), (Some(2), Some(4)));
+        let mut ids = ServerStreamIds {
+            next: MAX_STREAM_ID - 1,
+        };
+        assert_eq!(ids.next_id(), Some(MAX_STREAM_ID - 1));
+        assert_eq!(ids.next_id(), None);
+        assert_eq!(ids.next_id(), None);
+    }
+}
