@@ -8,8 +8,10 @@
 //! 1. bytes to frame bytes: one WebSocket binary message per frame, or
 //!    [`LengthPrefixed::next_frame_bytes`] on the TCP read buffer;
 //! 2. [`Frame::decode`]; on error answer ERROR on stream 0 with [`FrameError::error_code`]
-//!    (unless [`FrameError::is_ignorable`]);
-//! 3. [`Reassembler::push`] to join fragments;
+//!    (unless [`FrameError::is_ignorable`]). A [`Frame::Ext`] is dropped when its `ignore` is
+//!    set. Values are not judged: a REQUEST_N of 0 or a PAYLOAD with neither N nor C decodes, and
+//!    the session decides;
+//! 3. [`Reassembler::push`] to join fragments; a [`FragmentError`] names the stream to fail;
 //! 4. the first frame must be a [`Setup`]: [`Setup::unsupported`] gives the ERROR for lease,
 //!    resume or a bad version; then check `metadata_mime` is [`COMPOSITE_METADATA_MIME`];
 //! 5. requests: [`CompositeMetadata::decode`] on the payload metadata, then
@@ -17,7 +19,7 @@
 //!    streams and channels track their [`Credit`].
 //!
 //! Outbound: [`Frame::next`], [`Frame::complete`], [`Frame::error`],
-//! [`Frame::keepalive_reply`], [`fragment`] for payloads over the frame size, then
+//! [`Frame::keepalive_reply`], [`fragment()`] for payloads over the frame size, then
 //! [`Frame::to_bytes`] (WebSocket) or [`encode_length_prefixed`] (TCP).
 
 pub mod fragment;
