@@ -5,7 +5,7 @@
 #   ./scripts/test.sh
 #
 # Works on a fresh Debian 12 machine with the Rust toolchain and python3; installs what else it
-# needs. Nothing is skipped silently: a missing prerequisite fails the run with a message.
+# needs (rabbitmq-server for the High-templar tests, which run against a private node). Nothing is skipped silently: a missing prerequisite fails the run with a message.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -24,6 +24,79 @@ apt_install() {
 }
 
 command -v python3 >/dev/null 2>&1 || apt_install python3 python3-venv
+
+# Services the tests need run privately on their own loopback ports; each start_* function pushes
+# its stop function here, and everything pushed is stopped at exit (by PID), pass or fail.
+STOP_AT_EXIT=()
+stop_services() {
+  local i
+  for ((i = ${#STOP_AT_EXIT[@]} - 1; i >= 0; i--)); do "${STOP_AT_EXIT[$i]}" || true; done
+}
+trap stop_services EXIT
+
+# A free loopback TCP port.
+free_port() {
+  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# RabbitMQ (High-templar triggers): a private node in a temp dir, its own epmd, AMQP on a free
+# loopback port, no plugins. Exports PLAZA_TEST_AMQP_URL.
+RABBITMQ_DIR=""
+RABBITMQ_PID=""
+EPMD_PID=""
+start_rabbitmq() {
+  local server=/usr/lib/rabbitmq/bin/rabbitmq-server
+  [ -x "$server" ] || apt_install rabbitmq-server
+  [ -x "$server" ] || fail "rabbitmq-server is not installed at $server"
+  command -v epmd >/dev/null 2>&1 || fail "epmd (Erlang) is missing although rabbitmq-server is installed"
+  RABBITMQ_DIR=$(mktemp -d "${TMPDIR:-/tmp}/plaza-rabbitmq.XXXXXX")
+  STOP_AT_EXIT+=(stop_rabbitmq)
+  local port dist epmd_port node
+  port=$(free_port); dist=$(free_port); epmd_port=$(free_port)
+  node="plaza$$@localhost"
+  step "starting a private RabbitMQ node on 127.0.0.1:$port ($RABBITMQ_DIR)"
+  echo '[].' >"$RABBITMQ_DIR/enabled_plugins"
+  printf 'listeners.tcp.default = 127.0.0.1:%s\ndefault_user = plaza\ndefault_pass = plaza\nloopback_users = none\n' \
+    "$port" >"$RABBITMQ_DIR/rabbitmq.conf"
+  epmd -port "$epmd_port" -address 127.0.0.1 >"$RABBITMQ_DIR/epmd.log" 2>&1 &
+  EPMD_PID=$!
+  env HOME="$RABBITMQ_DIR" RABBITMQ_NODENAME="$node" RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 \
+    RABBITMQ_NODE_PORT="$port" RABBITMQ_DIST_PORT="$dist" ERL_EPMD_PORT="$epmd_port" \
+    ERL_EPMD_ADDRESS=127.0.0.1 RABBITMQ_MNESIA_BASE="$RABBITMQ_DIR/mnesia" \
+    RABBITMQ_LOG_BASE="$RABBITMQ_DIR/log" RABBITMQ_PID_FILE="$RABBITMQ_DIR/rabbitmq.pid" \
+    RABBITMQ_ENABLED_PLUGINS_FILE="$RABBITMQ_DIR/enabled_plugins" \
+    RABBITMQ_CONFIG_FILE="$RABBITMQ_DIR/rabbitmq" \
+    RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}" \
+    "$server" >"$RABBITMQ_DIR/server.log" 2>&1 &
+  RABBITMQ_PID=$!
+  local deadline=$((SECONDS + 90))
+  until python3 -c "import socket,sys; s=socket.socket(); s.settimeout(1); s.connect(('127.0.0.1', $port)); s.send(b'AMQP\x00\x00\x09\x01'); sys.exit(0 if s.recv(8) else 1)" 2>/dev/null; do
+    if ! kill -0 "$RABBITMQ_PID" 2>/dev/null || [ "$SECONDS" -ge "$deadline" ]; then
+      tail -n 30 "$RABBITMQ_DIR/server.log" >&2 || true
+      fail "the private RabbitMQ node did not start (log: $RABBITMQ_DIR/server.log)"
+    fi
+    sleep 0.5
+  done
+  export PLAZA_TEST_AMQP_URL="amqp://plaza:plaza@127.0.0.1:$port/%2f"
+  step "RabbitMQ answers on 127.0.0.1:$port"
+}
+stop_rabbitmq() {
+  local pids=("$RABBITMQ_PID")
+  [ -f "$RABBITMQ_DIR/rabbitmq.pid" ] && pids+=("$(cat "$RABBITMQ_DIR/rabbitmq.pid")")
+  local pid
+  for pid in "${pids[@]}"; do [ -n "$pid" ] && kill -TERM "$pid" 2>/dev/null; done
+  for _ in $(seq 1 40); do
+    local alive=0
+    for pid in "${pids[@]}"; do [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && alive=1; done
+    [ "$alive" -eq 0 ] && break
+    sleep 0.25
+  done
+  for pid in "${pids[@]}"; do [ -n "$pid" ] && kill -KILL "$pid" 2>/dev/null; done
+  [ -n "$EPMD_PID" ] && kill -TERM "$EPMD_PID" 2>/dev/null
+  [ -n "$RABBITMQ_DIR" ] && rm -rf "$RABBITMQ_DIR"
+  RABBITMQ_PID="" EPMD_PID="" RABBITMQ_DIR=""
+}
+
 command -v cargo >/dev/null 2>&1 || fail "cargo is not installed (see https://rustup.rs)"
 
 step "cargo fmt --check"
@@ -36,6 +109,8 @@ step "build"
 cargo build --workspace --all-targets --all-features --quiet
 export PLAZA_BIN="$ROOT/target/debug/plaza"
 [ -x "$PLAZA_BIN" ] || fail "target/debug/plaza was not built"
+
+start_rabbitmq
 
 step "Rust tests"
 if cargo nextest --version >/dev/null 2>&1; then
