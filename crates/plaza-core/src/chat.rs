@@ -361,7 +361,7 @@ mod tests {
 
     #[test]
     fn entries_are_json_with_their_number_spliced_in() {
-        let data = Payload::from_json_text("{\"text\":\"hi\"}".into()).unwrap();
+        let data = Payload::from_json_text("{\"text\":\"hi\"}").unwrap();
         let entry = message_entry("m1", "alice", &Peer::User("bob".into()), &data, 7);
         let pushed = with_number("seq", 3, entry.as_str());
         let value: serde_json::Value = serde_json::from_str(&pushed).unwrap();
