@@ -29,6 +29,12 @@ pub enum ChannelNameError {
     EmptyChannel(String),
 }
 
+/// Whether a stream name (a hub or store key) is internal: an inbox, a conversation, a legacy
+/// protocol's room. Such names are never shown as channels.
+pub fn is_internal_name(name: &str) -> bool {
+    name.starts_with('\u{1}')
+}
+
 impl ChannelName {
     /// Validates `name` against `max_len` (in bytes) and the character rules: any Unicode text
     /// without whitespace or control characters.
@@ -71,7 +77,7 @@ impl ChannelName {
 
     /// Whether this name came from [`ChannelName::internal`].
     pub fn is_internal(&self) -> bool {
-        self.full.starts_with('\u{1}')
+        is_internal_name(&self.full)
     }
 
     /// The whole name, as the client wrote it.

@@ -560,7 +560,9 @@ async fn channels(State(state): State<ApiState>, Query(q): Query<ChannelsQuery>)
         .hub
         .channels()
         .into_iter()
-        .filter(|(name, _)| name.starts_with(prefix.as_str()))
+        .filter(|(name, _)| {
+            name.starts_with(prefix.as_str()) && !plaza_core::channel::is_internal_name(name)
+        })
         .map(|(name, n)| serde_json::json!({"channel": &*name, "subscribers": n}))
         .collect();
     axum::Json(serde_json::json!({ "channels": list })).into_response()

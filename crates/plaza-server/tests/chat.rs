@@ -708,6 +708,9 @@ async fn backend_chat_api() {
     )
     .await;
     assert_eq!(status, 200);
+    // Inboxes are internal streams: never listed as channels.
+    let (_, body) = api(&server, "GET", "/api/channels", None).await;
+    assert_eq!(body["channels"], json!([]), "{body}");
     let m = message(&mut ann).await;
     assert_eq!(
         (m["from"].as_str(), m["id"].as_str()),

@@ -247,7 +247,10 @@ async fn list_groups(
     let Query(q) = query.map_err(|e| invalid(format!("invalid query: {e}")))?;
     let chat = &state.node.chat;
     let groups = match q.user {
-        Some(user) => chat.groups_of(&user).await,
+        Some(user) => {
+            plaza_core::chat::validate_user(&user).map_err(|e| invalid(e.to_string()))?;
+            chat.groups_of(&user).await
+        }
         None => chat.all_groups(10_000).await,
     }
     .map_err(node_error)?;
