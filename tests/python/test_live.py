@@ -4,6 +4,7 @@ import asyncio
 import json
 import random
 
+from native_frames import NativeReader
 from websockets.asyncio.client import connect
 
 FILTER = ["and", ["==", "color", "blue"], [">=", "age", 21]]
@@ -69,10 +70,11 @@ def test_list_view_follows_the_app_table(plaza):
             app.change()
 
         async with connect(plaza.ws_url) as ws:
+            frames = NativeReader(ws)
             await ws.send(json.dumps({"id": 1, "method": "connect"}))
-            assert "result" in json.loads(await ws.recv())
+            assert "result" in await frames.next(TIMEOUT)
             await ws.send(json.dumps({"id": 2, "method": "live_subscribe", "params": {"token": token}}))
-            reply = json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))
+            reply = await frames.next(TIMEOUT)
             [sub] = reply["result"]["subscriptions"]
             view = dict(snapshot)
             for _ in range(300):
@@ -87,7 +89,7 @@ def test_list_view_follows_the_app_table(plaza):
                  "data": {"id": "end", "color": "blue", "age": 99}}])
             assert status == 200
             while True:
-                push = json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))
+                push = await frames.next(TIMEOUT)
                 assert push["push"] == "delta" and push["subscription"] == sub, push
                 if push["delta"].get("data", {}).get("id") == "end":
                     break

@@ -2,8 +2,10 @@
 
 import asyncio
 import json
+import socket
 
 import pytest
+from native_frames import NativeReader, split_frame
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
@@ -13,6 +15,7 @@ TIMEOUT = 10
 class Client:
     def __init__(self, ws):
         self.ws = ws
+        self.reader = NativeReader(ws)
         self.next_id = 0
         self.pushes = []
 
@@ -24,9 +27,12 @@ class Client:
         await self.ws.send(json.dumps(frame))
         return await self.reply(self.next_id)
 
+    async def next(self):
+        return await self.reader.next(TIMEOUT)
+
     async def reply(self, id_):
         while True:
-            msg = json.loads(await asyncio.wait_for(self.ws.recv(), TIMEOUT))
+            msg = await self.next()
             if "push" in msg:
                 self.pushes.append(msg)
                 continue
@@ -36,12 +42,13 @@ class Client:
     async def push(self):
         if self.pushes:
             return self.pushes.pop(0)
-        msg = json.loads(await asyncio.wait_for(self.ws.recv(), TIMEOUT))
+        msg = await self.next()
         assert msg.get("push") == "publication", msg
         return msg
 
     async def silence(self, seconds=0.3):
         assert not self.pushes, self.pushes
+        assert not self.reader.pending(), self.reader.pending()
         with pytest.raises(asyncio.TimeoutError):
             await asyncio.wait_for(self.ws.recv(), seconds)
 
@@ -122,10 +129,10 @@ def test_every_bad_input_gets_its_documented_error(plaza):
         assert (await c.request("connect"))["result"]["client"]
         for frame, id_, code in BAD_FRAMES:
             await c.ws.send(frame)
-            r = json.loads(await asyncio.wait_for(c.ws.recv(), TIMEOUT))
+            r = await c.next()
             assert r["id"] == id_ and r["error"]["code"] == code, (frame, r)
         await c.ws.send(b"\x00\x01binary")
-        r = json.loads(await asyncio.wait_for(c.ws.recv(), TIMEOUT))
+        r = await c.next()
         assert r == {"id": None, "error": {"code": 111, "message": r["error"]["message"]}}
         # Still usable.
         assert (await c.request("ping"))["result"] == {}
@@ -152,3 +159,40 @@ def test_backend_rejects_a_wrong_key_and_bad_json(plaza):
     assert status == 401 and json.loads(body)["error"]["code"] == 112
     status, body = plaza.api("POST", "/api/publish", b"{not json")
     assert status == 400 and json.loads(body)["error"]["message"].startswith("invalid JSON")
+
+
+def test_split_frame():
+    assert split_frame('{"a":1}') == [{"a": 1}]
+    assert split_frame('{"a":"x\\ny"}\n{"b":[1, 2]}') == [{"a": "x\ny"}, {"b": [1, 2]}]
+    # U+2028 may appear raw inside a JSON string: only "\n" ends a line.
+    assert split_frame('{"s":"a\u2028b"}\n{"t":2}') == [{"s": "a\u2028b"}, {"t": 2}]
+
+
+def test_pushes_queued_together_share_a_frame(plaza):
+    async def scenario():
+        c = await open_client(plaza)
+        await c.request("subscribe", {"channel": "chat:lines"})
+        # 20 publishes (one pretty-printed) in one TCP segment (corked): the server handles
+        # them in one go, so its writer finds their replies and pushes queued together.
+        sock = c.ws.transport.get_extra_info("socket")
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+        for i in range(20):
+            data = '{\n  "pretty": [1,\n 2]\n}' if i == 3 else str(i)
+            await c.ws.send('{"id":%d,"method":"publish","params":{"channel":"chat:lines","data":%s}}'
+                            % (100 + i, data))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
+        pushes, replies, most = [], 0, 0
+        while len(pushes) < 20 or replies < 20:
+            lines = split_frame(await asyncio.wait_for(c.ws.recv(), TIMEOUT))
+            most = max(most, len(lines))
+            for msg in lines:
+                if "push" in msg:
+                    pushes.append(msg["data"])
+                else:
+                    assert msg["result"] == {}, msg
+                    replies += 1
+        assert most > 1
+        assert pushes == [i if i != 3 else {"pretty": [1, 2]} for i in range(20)]
+        await c.ws.close()
+
+    run(scenario())

@@ -1,16 +1,24 @@
 //! One connection's shared handle and its outgoing queue.
 //!
 //! Publishers and the keep-alive timer reach a connection only through its [`ConnHandle`]: they
-//! push frames into an unbounded channel whose size in bytes is capped by hand. Capping bytes
-//! rather than messages is what a slow consumer costs in memory. When a push would pass the cap,
-//! the connection is closed as a slow consumer instead of slowing the publisher down.
+//! push frames into its queue, whose size in bytes is capped. Capping bytes rather than messages
+//! is what a slow consumer costs in memory. When a push would pass the cap, the connection is
+//! closed as a slow consumer instead of slowing the publisher down.
+//!
+//! The queue is a `VecDeque` behind a mutex that the writer empties in one swap per drain, so a
+//! burst of pushes costs the writer one lock, not one per frame, and an idle connection's queue
+//! holds no allocation (the writer drops the buffers when it finds the queue empty).
 
-use std::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll};
 use std::time::Instant;
 
 use axum::extract::ws::Utf8Bytes;
+use futures_util::task::AtomicWaker;
 use plaza_core::{CloseCode, ConnId};
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 
 /// `close_code` value of a quiet close (no close frame); not a WebSocket close code.
 const QUIET_CLOSE: u16 = 1;
@@ -24,18 +32,76 @@ pub enum Outgoing {
     Close(CloseCode),
 }
 
+#[derive(Default)]
+struct QueueState {
+    items: VecDeque<Outgoing>,
+    /// Bytes of the text frames in `items` (and, for [`Queue::recv`] users, of frames taken but
+    /// not yet [`ConnHandle::dequeued`]).
+    bytes: usize,
+}
+
+/// What the handle and the writer's [`Queue`] share.
+#[derive(Default)]
+struct Shared {
+    state: Mutex<QueueState>,
+    /// The connection's task, woken by a push or a close.
+    writer: AtomicWaker,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, QueueState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
 /// The receiving half, owned by the connection's writer.
 pub struct Queue {
-    rx: mpsc::UnboundedReceiver<Outgoing>,
+    shared: Arc<Shared>,
 }
 
 impl Queue {
+    /// Moves everything queued into `into` (which must be empty) and returns `Ready` once there
+    /// was something, freeing the queue's byte count; registers the task's waker otherwise.
+    /// When the queue is found empty its buffer is released, so an idle connection holds none.
+    pub fn poll_take(&mut self, cx: &mut Context<'_>, into: &mut VecDeque<Outgoing>) -> Poll<()> {
+        debug_assert!(into.is_empty());
+        let mut queue = self.shared.lock();
+        if queue.items.is_empty() {
+            // Registered under the lock: a push after this point sees the new waker.
+            self.shared.writer.register(cx.waker());
+            if queue.items.capacity() > 0 {
+                queue.items = VecDeque::new();
+            }
+            return Poll::Pending;
+        }
+        std::mem::swap(&mut queue.items, into);
+        queue.bytes = 0;
+        Poll::Ready(())
+    }
+
+    /// Registers the task to be woken by the next push or close.
+    pub fn register(&self, cx: &mut Context<'_>) {
+        self.shared.writer.register(cx.waker());
+    }
+
+    /// The next frame, one at a time (the caller reports its bytes with
+    /// [`ConnHandle::dequeued`]).
     pub async fn recv(&mut self) -> Option<Outgoing> {
-        self.rx.recv().await
+        std::future::poll_fn(|cx| {
+            let mut queue = self.shared.lock();
+            match queue.items.pop_front() {
+                Some(item) => Poll::Ready(Some(item)),
+                None => {
+                    self.shared.writer.register(cx.waker());
+                    Poll::Pending
+                }
+            }
+        })
+        .await
     }
 
     pub fn try_recv(&mut self) -> Option<Outgoing> {
-        self.rx.try_recv().ok()
+        self.shared.lock().items.pop_front()
     }
 }
 
@@ -51,8 +117,7 @@ pub enum PushError {
 pub struct ConnHandle {
     pub id: ConnId,
     pub created: Instant,
-    tx: mpsc::UnboundedSender<Outgoing>,
-    queued_bytes: AtomicUsize,
+    queue: Arc<Shared>,
     max_queue_bytes: usize,
     /// 0 while open; otherwise the close code the writer must send.
     close_code: AtomicU16,
@@ -70,12 +135,11 @@ pub struct ConnHandle {
 
 impl ConnHandle {
     pub fn new(id: ConnId, max_queue_bytes: usize, now: Instant) -> (Self, Queue) {
-        let (tx, rx) = mpsc::unbounded_channel();
+        let shared = Arc::new(Shared::default());
         let handle = Self {
             id,
             created: now,
-            tx,
-            queued_bytes: AtomicUsize::new(0),
+            queue: Arc::clone(&shared),
             max_queue_bytes,
             close_code: AtomicU16::new(0),
             close_requested: Notify::new(),
@@ -85,7 +149,16 @@ impl ConnHandle {
             draining: AtomicBool::new(false),
             user: std::sync::OnceLock::new(),
         };
-        (handle, Queue { rx })
+        (handle, Queue { shared })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, QueueState> {
+        self.queue.lock()
+    }
+
+    /// Wakes the task of the connection's writer (something other than the queue needs it).
+    pub fn wake_writer(&self) {
+        self.queue.writer.wake();
     }
 
     /// Queues a text frame, enforcing the byte limit.
@@ -94,22 +167,31 @@ impl ConnHandle {
             return Err(PushError::Closing);
         }
         let len = frame.len();
-        let before = self.queued_bytes.fetch_add(len, Ordering::AcqRel);
-        if before + len > self.max_queue_bytes {
-            self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
-            self.close(CloseCode::SlowConsumer);
-            return Err(PushError::Overflow);
+        {
+            let mut queue = self.lock();
+            if queue.bytes + len > self.max_queue_bytes {
+                drop(queue);
+                self.close(CloseCode::SlowConsumer);
+                return Err(PushError::Overflow);
+            }
+            queue.bytes += len;
+            queue.items.push_back(Outgoing::Text(frame));
         }
-        if self.tx.send(Outgoing::Text(frame)).is_err() {
-            self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
-            return Err(PushError::Closing);
-        }
+        self.wake_writer();
         Ok(())
     }
 
-    /// Called by the writer for each frame it takes off the queue.
+    /// Queues a frame that costs no queue bytes (pings, the close marker).
+    fn push_control(&self, item: Outgoing) {
+        self.lock().items.push_back(item);
+        self.wake_writer();
+    }
+
+    /// For writers that take frames one at a time with [`Queue::recv`]: frees `len` bytes of
+    /// the queue's limit. ([`Queue::poll_take`] frees them itself.)
     pub fn dequeued(&self, len: usize) {
-        self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
+        let mut queue = self.lock();
+        queue.bytes = queue.bytes.saturating_sub(len);
     }
 
     /// Asks the writer to close the connection with `code`. The first code wins. Returns whether
@@ -121,6 +203,7 @@ impl ConnHandle {
             .is_ok();
         if first {
             self.close_requested.notify_waiters();
+            self.wake_writer();
         }
         first
     }
@@ -128,10 +211,8 @@ impl ConnHandle {
     /// Closes with `code` once the frames already queued are written, so the client reads the
     /// reply that explains the close. Later pushes are refused.
     pub fn close_after_queue(&self, code: CloseCode) {
-        if !self.draining.swap(true, Ordering::AcqRel)
-            && self.tx.send(Outgoing::Close(code)).is_err()
-        {
-            self.close(code);
+        if !self.draining.swap(true, Ordering::AcqRel) {
+            self.push_control(Outgoing::Close(code));
         }
     }
 
@@ -149,6 +230,7 @@ impl ConnHandle {
             .is_ok()
         {
             self.close_requested.notify_waiters();
+            self.wake_writer();
         }
     }
 
@@ -190,7 +272,7 @@ impl ConnHandle {
         }
         self.ping_outstanding.store(true, Ordering::Release);
         // A ping costs no queue bytes: it is tiny and must get through even to a busy client.
-        let _ = self.tx.send(Outgoing::Ping);
+        self.push_control(Outgoing::Ping);
         true
     }
 
@@ -212,9 +294,19 @@ impl ConnHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures_util::task::noop_waker_ref;
 
     fn text(n: usize) -> Utf8Bytes {
         Utf8Bytes::from("x".repeat(n))
+    }
+
+    fn take(q: &mut Queue) -> Vec<Outgoing> {
+        let mut into = VecDeque::new();
+        let mut cx = Context::from_waker(noop_waker_ref());
+        match q.poll_take(&mut cx, &mut into) {
+            Poll::Ready(()) => into.into_iter().collect(),
+            Poll::Pending => Vec::new(),
+        }
     }
 
     #[tokio::test]
@@ -225,15 +317,59 @@ mod tests {
         assert_eq!(h.close_code(), Some(CloseCode::SlowConsumer));
         assert_eq!(h.push_text(text(1)), Err(PushError::Closing));
         h.closed().await;
-        assert!(matches!(q.recv().await, Some(Outgoing::Text(t)) if t.len() == 6));
+        assert!(matches!(&take(&mut q)[..], [Outgoing::Text(t)] if t.len() == 6));
     }
 
     #[test]
-    fn dequeue_frees_room() {
-        let (h, _q) = ConnHandle::new(1, 10, Instant::now());
+    fn taking_frees_room_and_the_buffer() {
+        let (h, mut q) = ConnHandle::new(1, 10, Instant::now());
         assert_eq!(h.push_text(text(10)), Ok(()));
-        h.dequeued(10);
-        assert_eq!(h.push_text(text(10)), Ok(()));
+        assert_eq!(take(&mut q).len(), 1);
+        assert_eq!(h.push_text(text(4)), Ok(()));
+        assert_eq!(h.push_text(text(6)), Ok(()));
+        assert_eq!(take(&mut q).len(), 2);
+        // Found empty: the queue's buffer is released.
+        assert!(take(&mut q).is_empty());
+        assert_eq!(h.lock().items.capacity(), 0);
+    }
+
+    #[test]
+    fn a_push_or_a_close_wakes_the_writer() {
+        use std::sync::Arc;
+        use std::sync::atomic::AtomicUsize;
+        struct Count(AtomicUsize);
+        impl std::task::Wake for Count {
+            fn wake(self: Arc<Self>) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = std::task::Waker::from(Arc::clone(&count));
+        let (h, mut q) = ConnHandle::new(1, 100, Instant::now());
+        let mut into = VecDeque::new();
+        let mut cx = Context::from_waker(&waker);
+        assert!(q.poll_take(&mut cx, &mut into).is_pending());
+        h.push_text(text(1)).unwrap();
+        h.push_text(text(1)).unwrap(); // already woken: no second wake-up
+        assert_eq!(count.0.load(Ordering::SeqCst), 1);
+        assert!(q.poll_take(&mut cx, &mut into).is_ready());
+        into.clear();
+        assert!(q.poll_take(&mut cx, &mut into).is_pending());
+        h.close(CloseCode::Shutdown);
+        assert_eq!(count.0.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn close_after_queue_comes_after_the_queued_frames() {
+        let (h, mut q) = ConnHandle::new(1, 100, Instant::now());
+        h.push_text(text(3)).unwrap();
+        h.close_after_queue(CloseCode::Unauthorized);
+        assert!(h.is_draining());
+        assert_eq!(h.push_text(text(1)), Err(PushError::Closing));
+        assert!(matches!(
+            &take(&mut q)[..],
+            [Outgoing::Text(_), Outgoing::Close(CloseCode::Unauthorized)]
+        ));
     }
 
     #[test]

@@ -1,145 +1,318 @@
 //! The native protocol's WebSocket endpoint: one task per connection, running a reader and a
-//! writer side by side.
+//! writer side by side over the same socket.
 //!
 //! The reader decodes frames, runs them through the [`Session`] and queues the replies. The
-//! writer drains the queue: it `feed`s every frame that is ready and flushes once per drain, so a
-//! burst of publications costs one write system call, not one per frame.
+//! writer takes everything queued at once and writes it with one write call; consecutive text
+//! frames (pushes and replies) are joined into one WebSocket text message, separated by `\n`,
+//! up to `ws_write_buffer_size` bytes (docs/PROTOCOL.md, "Frames").
+//!
+//! The WebSocket framing is done here (`codec`) rather than by a library so that an idle
+//! connection holds no buffer: reads go through one scratch buffer per thread, and the writer's
+//! buffers are freed whenever its queue is empty. What a connection keeps while idle is its
+//! task, its [`ConnHandle`] and its [`Session`].
 
-use std::sync::Arc;
+mod codec;
+
+use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
-use axum::extract::{RawQuery, State};
-use axum::http::HeaderMap;
-use axum::response::Response;
+use axum::body::Body;
+use axum::extract::ws::Utf8Bytes;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
-use futures_util::stream::{FuturesUnordered, SplitSink, SplitStream};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::stream::FuturesUnordered;
+use hyper_util::rt::TokioIo;
 use plaza_core::{CloseCode, ErrorCode, Outcome, ReplyError};
 use plaza_protocol::native::{self, RequestId};
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::auth::app::Forwarded;
 use crate::conn::{ConnHandle, Outgoing, Queue};
 use crate::node::Node;
 use crate::session::Session;
+use codec::{Decoder, FrameError, Incoming};
 
 /// How long the writer may take to deliver the close frame before the socket is dropped.
 const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Most publishes one connection may have waiting for durability before it stops reading.
 const MAX_PENDING_REPLIES: usize = 1024;
-/// Most frames fed before one flush, so one busy connection cannot monopolise its task.
-const MAX_FRAMES_PER_FLUSH: usize = 256;
+/// A write buffer above this size is not kept for the next drain.
+const KEEP_WRITE_BUFFER: usize = 256 * 1024;
 
-pub async fn upgrade(
-    State(node): State<Arc<Node>>,
-    headers: HeaderMap,
-    RawQuery(query): RawQuery,
-    ws: WebSocketUpgrade,
-) -> Response {
+/// The upgrade request: checked as RFC 6455 asks, answered with 101, and the connection's task
+/// spawned once hyper hands the socket over.
+pub async fn upgrade(State(node): State<Arc<Node>>, mut request: Request) -> Response {
+    let headers = request.headers();
+    let key = match check_upgrade(headers) {
+        Ok(key) => key,
+        Err((status, why)) => {
+            tracing::debug!(%status, why, "websocket upgrade refused");
+            let mut response = (status, why).into_response();
+            if status == StatusCode::UPGRADE_REQUIRED {
+                response.headers_mut().insert(
+                    header::SEC_WEBSOCKET_VERSION,
+                    HeaderValue::from_static("13"),
+                );
+            }
+            return response;
+        }
+    };
+    let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
     // The app sees the upgrade request's cookies and chosen headers when Plaza asks it later.
     let forwarded = node
         .auth
         .app
         .as_ref()
-        .map(|app| app.capture(&headers, query.as_deref()))
+        .map(|app| app.capture(headers, request.uri().query()))
         .unwrap_or_default();
-    let limits = &node.settings.limits;
-    ws.max_message_size(limits.max_frame_size)
-        .max_frame_size(limits.max_frame_size)
-        .read_buffer_size(node.settings.ws_read_buffer_size)
-        .write_buffer_size(node.settings.ws_write_buffer_size)
-        .on_failed_upgrade(|e| tracing::debug!(error = %e, "websocket upgrade failed"))
-        .on_upgrade(move |socket| run(node, socket, forwarded))
+    if request
+        .extensions()
+        .get::<hyper::upgrade::OnUpgrade>()
+        .is_none()
+    {
+        return (
+            StatusCode::UPGRADE_REQUIRED,
+            "connection cannot be upgraded",
+        )
+            .into_response();
+    }
+    let on_upgrade = hyper::upgrade::on(&mut request);
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => run(node, TokioIo::new(upgraded), forwarded).await,
+            Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
+        }
+    });
+    let mut response = Response::new(Body::empty());
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = response.headers_mut();
+    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    if let Ok(accept) = HeaderValue::from_str(&accept) {
+        h.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    }
+    response
 }
 
-async fn run(node: Arc<Node>, socket: WebSocket, forwarded: Forwarded) {
+/// The `Sec-WebSocket-Key` of a valid upgrade request, or why it is refused.
+fn check_upgrade(headers: &HeaderMap) -> Result<String, (StatusCode, &'static str)> {
+    let has_token = |name: header::HeaderName, token: &str| {
+        headers.get_all(name).iter().any(|v| {
+            v.to_str()
+                .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+        })
+    };
+    if !has_token(header::CONNECTION, "upgrade") {
+        return Err((
+            StatusCode::BAD_REQUEST,
+            "Connection header did not include 'upgrade'",
+        ));
+    }
+    if !has_token(header::UPGRADE, "websocket") {
+        return Err((
+            StatusCode::BAD_REQUEST,
+            "`Upgrade` header did not include 'websocket'",
+        ));
+    }
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .is_none_or(|v| v.as_bytes() != b"13")
+    {
+        // Answered with `Sec-WebSocket-Version: 13` (RFC 6455 §4.4).
+        return Err((
+            StatusCode::UPGRADE_REQUIRED,
+            "`Sec-WebSocket-Version` header did not include '13'",
+        ));
+    }
+    match headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .and_then(|v| v.to_str().ok())
+    {
+        Some(key) if !key.trim().is_empty() => Ok(key.trim().to_owned()),
+        _ => Err((
+            StatusCode::BAD_REQUEST,
+            "`Sec-WebSocket-Key` header missing",
+        )),
+    }
+}
+
+/// What the reader and the writer of one connection share. Both run in the connection's task,
+/// so the locks are never contended; they make the task `Send`.
+struct Link<S> {
+    io: Mutex<S>,
+    /// A ping's payload the writer must answer with a pong.
+    pong: Mutex<Option<Bytes>>,
+    /// The status code of the client's close frame, echoed in ours (RFC 6455 §5.5.1).
+    peer_close: Mutex<Option<Option<u16>>>,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Link<S> {
+    fn io(&self) -> std::sync::MutexGuard<'_, S> {
+        self.io.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn take_pong(&self) -> Option<Bytes> {
+        self.pong
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+    }
+
+    fn has_pong(&self) -> bool {
+        self.pong
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some()
+    }
+}
+
+async fn run<S>(node: Arc<Node>, socket: S, forwarded: Forwarded)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
     let id = node.next_conn_id();
     let (handle, queue) = ConnHandle::new(id, node.settings.limits.max_queue_bytes, Instant::now());
     let conn = Arc::new(handle);
     node.hub.register(Arc::clone(&conn));
     tracing::debug!(conn = id, "connection opened");
 
-    let (sink, stream) = socket.split();
+    let link = Link {
+        io: Mutex::new(socket),
+        pong: Mutex::new(None),
+        peer_close: Mutex::new(None),
+    };
     let mut session = Session::new(Arc::clone(&node), Arc::clone(&conn), forwarded);
-    let reader = read_loop(&node, &conn, &mut session, stream);
-    let writer = write_loop(&node, &conn, queue, sink);
+    let reader = read_loop(&node, &conn, &mut session, &link);
+    let writer = write_loop(&node, &conn, queue, &link);
     tokio::join!(reader, writer);
 
     let name = session.client_name().map(str::to_owned);
-    session.end().await;
+    // Boxed, like every await of the session, so that its futures do not weigh on the
+    // connection's task while it is idle.
+    Box::pin(session.end()).await;
     node.hub.deregister(id);
     let code = conn.close_code();
     tracing::debug!(conn = id, name = ?name, close = ?code, "connection closed");
 }
 
-async fn read_loop(
+/// Why the reader stopped.
+enum ReadEnd {
+    Eof,
+    Frame(FrameError),
+    Io(std::io::Error),
+}
+
+/// The next message from the client. Cancel-safe: bytes read are kept in `decoder`.
+async fn next_message<S: AsyncRead + AsyncWrite + Unpin>(
+    decoder: &mut Decoder,
+    link: &Link<S>,
+    max_read: usize,
+) -> Result<Incoming, ReadEnd> {
+    poll_fn(|cx| {
+        loop {
+            match decoder.next_message() {
+                Ok(Some(m)) => return Poll::Ready(Ok(m)),
+                Ok(None) => {}
+                Err(e) => return Poll::Ready(Err(ReadEnd::Frame(e))),
+            }
+            let mut io = link.io();
+            match ready!(decoder.poll_fill(cx, &mut *io, max_read)) {
+                Ok(0) => return Poll::Ready(Err(ReadEnd::Eof)),
+                Ok(_) => {}
+                Err(e) => return Poll::Ready(Err(ReadEnd::Io(e))),
+            }
+        }
+    })
+    .await
+}
+
+type Pending = FuturesUnordered<BoxFuture<'static, (RequestId, Result<Outcome, ReplyError>)>>;
+
+async fn read_loop<S: AsyncRead + AsyncWrite + Unpin>(
     node: &Node,
     conn: &Arc<ConnHandle>,
     session: &mut Session,
-    mut stream: SplitStream<WebSocket>,
+    link: &Link<S>,
 ) {
     let metrics = &node.hub.metrics;
+    let mut decoder = Decoder::new(node.settings.limits.max_frame_size);
+    let max_read = node.settings.ws_read_buffer_size;
     // Publishes waiting to be durable. Reading goes on meanwhile, so one connection can keep
-    // many publishes in flight and group commit can batch them.
-    let mut pending =
-        FuturesUnordered::<BoxFuture<'static, (RequestId, Result<Outcome, ReplyError>)>>::new();
+    // many publishes in flight and group commit can batch them. Made on first use.
+    let mut pending: Option<Pending> = None;
     loop {
+        let in_flight = pending.as_ref().map_or(0, FuturesUnordered::len);
         let message = tokio::select! {
             biased;
             () = conn.closed() => return,
-            Some((id, outcome)) = pending.next(), if !pending.is_empty() => {
+            Some((id, outcome)) = next_pending(&mut pending), if in_flight > 0 => {
                 let outcome = outcome.map_err(|e| node.count(e));
                 let _ = conn.push_text(Utf8Bytes::from(native::encode_reply(&id, &outcome)));
+                if pending.as_ref().is_some_and(FuturesUnordered::is_empty) {
+                    pending = None;
+                }
                 continue;
             }
-            m = stream.next(), if pending.len() < MAX_PENDING_REPLIES => m,
+            m = next_message(&mut decoder, link, max_read), if in_flight < MAX_PENDING_REPLIES => m,
         };
         let message = match message {
-            None => break,
-            Some(Ok(m)) => m,
-            Some(Err(e)) => {
-                let code = classify_read_error(&e);
-                if let Some(code) = code {
-                    tracing::debug!(conn = conn.id, error = %e, "closing on a bad frame");
-                    conn.close(code);
-                } else {
-                    tracing::debug!(conn = conn.id, error = %e, "read failed");
-                }
+            Ok(m) => m,
+            Err(ReadEnd::Eof) => break,
+            Err(ReadEnd::Frame(e)) => {
+                tracing::debug!(conn = conn.id, error = %e, "closing on a bad frame");
+                conn.close(match e {
+                    FrameError::TooLarge => CloseCode::MessageTooLarge,
+                    FrameError::Utf8 | FrameError::Protocol(_) => CloseCode::ProtocolViolation,
+                });
+                break;
+            }
+            Err(ReadEnd::Io(e)) => {
+                tracing::debug!(conn = conn.id, error = %e, "read failed");
                 break;
             }
         };
         conn.mark_alive();
         metrics.frames_received_total.fetch_add(1, Relaxed);
         match message {
-            Message::Text(text) => {
+            Incoming::Text(text) => {
                 metrics
                     .bytes_received_total
                     .fetch_add(text.len() as u64, Relaxed);
-                let (reply, recoveries, close_after, attach_live) =
-                    match native::decode(text.as_str()) {
-                        Ok(request) => {
-                            let handled = session.handle(request.command).await;
-                            if let Some(later) = handled.pending {
-                                let id = request.id;
-                                pending.push(Box::pin(async move { (id, later.await) }));
-                                continue;
-                            }
-                            let reply = native::encode_reply(&request.id, &handled.outcome);
-                            (
-                                reply,
-                                handled.recoveries,
-                                handled.close_after,
-                                handled.attach_live,
-                            )
+                let (reply, recoveries, close_after, attach_live) = match native::decode(&text) {
+                    Ok(request) => {
+                        drop(text);
+                        let handled = Box::pin(session.handle(request.command)).await;
+                        if let Some(later) = handled.pending {
+                            let id = request.id;
+                            pending
+                                .get_or_insert_with(FuturesUnordered::new)
+                                .push(Box::pin(async move { (id, later.await) }));
+                            continue;
                         }
-                        Err(e) => (
-                            native::encode_error(e.id.as_ref(), &node.count(e.error)),
-                            Vec::new(),
-                            None,
-                            Vec::new(),
-                        ),
-                    };
+                        let reply = native::encode_reply(&request.id, &handled.outcome);
+                        (
+                            reply,
+                            handled.recoveries,
+                            handled.close_after,
+                            handled.attach_live,
+                        )
+                    }
+                    Err(e) => (
+                        native::encode_error(e.id.as_ref(), &node.count(e.error)),
+                        Vec::new(),
+                        None,
+                        Vec::new(),
+                    ),
+                };
                 // The reply goes first: with the first new subscription's recovered
                 // publications if there is one, otherwise alone.
                 let mut reply = Some(Utf8Bytes::from(reply));
@@ -173,18 +346,26 @@ async fn read_loop(
                     return;
                 }
             }
-            Message::Binary(data) => {
-                metrics
-                    .bytes_received_total
-                    .fetch_add(data.len() as u64, Relaxed);
+            Incoming::Binary(len) => {
+                metrics.bytes_received_total.fetch_add(len as u64, Relaxed);
                 let error = node.count(ReplyError::new(
                     ErrorCode::BinaryNotSupported,
                     "binary messages are not supported: send JSON as text",
                 ));
                 let _ = conn.push_text(Utf8Bytes::from(native::encode_error(None, &error)));
             }
-            Message::Ping(_) | Message::Pong(_) => {}
-            Message::Close(_) => break,
+            Incoming::Ping(payload) => {
+                *link.pong.lock().unwrap_or_else(PoisonError::into_inner) = Some(payload);
+                conn.wake_writer();
+            }
+            Incoming::Pong => {}
+            Incoming::Close(code) => {
+                *link
+                    .peer_close
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) = Some(code);
+                break;
+            }
         }
     }
     // The client went away or the read side failed: let the writer finish.
@@ -193,98 +374,245 @@ async fn read_loop(
     }
 }
 
-/// A read error caused by the client's frames gets a close code; a dropped socket does not.
-fn classify_read_error(error: &axum::Error) -> Option<CloseCode> {
-    use std::error::Error as _;
-    let inner = error.source()?;
-    let ws = inner.downcast_ref::<tungstenite::Error>()?;
-    match ws {
-        tungstenite::Error::Capacity(_) => Some(CloseCode::MessageTooLarge),
-        tungstenite::Error::Protocol(_) | tungstenite::Error::Utf8(_) => {
-            Some(CloseCode::ProtocolViolation)
-        }
-        _ => None,
+async fn next_pending(
+    pending: &mut Option<Pending>,
+) -> Option<(RequestId, Result<Outcome, ReplyError>)> {
+    match pending {
+        Some(p) => p.next().await,
+        None => None,
     }
 }
 
-async fn write_loop(
+/// Appends the frames for `items` to `out`, stopping at a close marker (returned). Runs of
+/// text frames become one text message each, joined by `\n`, up to `max_batch` bytes; a frame
+/// larger than that goes alone. Returns the close marker, the text frames and their bytes.
+fn encode_batch(
+    items: &mut VecDeque<Outgoing>,
+    out: &mut Vec<u8>,
+    max_batch: usize,
+) -> (Option<CloseCode>, u64, u64) {
+    let (mut frames, mut bytes) = (0u64, 0u64);
+    while let Some(item) = items.pop_front() {
+        let first = match item {
+            Outgoing::Text(text) => text,
+            Outgoing::Ping => {
+                codec::put_header(codec::OP_PING, 0, out);
+                continue;
+            }
+            Outgoing::Close(code) => return (Some(code), frames, bytes),
+        };
+        // How many of the following text frames join this message.
+        let mut len = first.len();
+        let mut joined = 0;
+        for next in items.iter() {
+            match next {
+                Outgoing::Text(t) if len + 1 + t.len() <= max_batch => {
+                    len += 1 + t.len();
+                    joined += 1;
+                }
+                _ => break,
+            }
+        }
+        codec::put_header(codec::OP_TEXT, len, out);
+        out.extend_from_slice(first.as_str().as_bytes());
+        for _ in 0..joined {
+            if let Some(Outgoing::Text(t)) = items.pop_front() {
+                out.push(b'\n');
+                out.extend_from_slice(t.as_str().as_bytes());
+            }
+        }
+        frames += 1 + joined;
+        bytes += len as u64;
+    }
+    (None, frames, bytes)
+}
+
+/// Writes `out[*written..]`; `Ok(false)` if the connection started closing first (the rest
+/// stays in `out`).
+async fn write_out<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &ConnHandle,
+    queue: &Queue,
+    link: &Link<S>,
+    out: &[u8],
+    written: &mut usize,
+) -> std::io::Result<bool> {
+    poll_fn(|cx| {
+        loop {
+            if conn.is_closing() {
+                return Poll::Ready(Ok(false));
+            }
+            if *written == out.len() {
+                return Poll::Ready(Ok(true));
+            }
+            // A close must wake this task even while the socket is not writable.
+            queue.register(cx);
+            let mut io = link.io();
+            match ready!(Pin::new(&mut *io).poll_write(cx, &out[*written..])) {
+                Ok(0) => return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into())),
+                Ok(n) => *written += n,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    })
+    .await
+}
+
+async fn write_loop<S: AsyncRead + AsyncWrite + Unpin>(
     node: &Node,
     conn: &ConnHandle,
     mut queue: Queue,
-    mut sink: SplitSink<WebSocket, Message>,
+    link: &Link<S>,
 ) {
     let metrics = &node.hub.metrics;
+    let max_batch = node.settings.ws_write_buffer_size;
+    let mut items = VecDeque::new();
+    let mut out = Vec::new();
+    let mut written = 0;
     loop {
-        let first = tokio::select! {
-            biased;
-            () = conn.closed() => break,
-            next = queue.recv() => match next {
-                Some(item) => item,
-                None => break,
-            },
-        };
-        let drained = tokio::select! {
-            biased;
-            () = conn.closed() => break,
-            r = write_batch(conn, metrics, &mut queue, &mut sink, first) => r,
-        };
-        if let Err(e) = drained {
-            tracing::debug!(conn = conn.id, error = %e, "write failed");
-            conn.close_quietly();
-            return;
+        let ready = poll_fn(|cx: &mut Context<'_>| {
+            if conn.is_closing() {
+                return Poll::Ready(false);
+            }
+            if link.has_pong() {
+                return Poll::Ready(true);
+            }
+            let taken = queue.poll_take(cx, &mut items);
+            if taken.is_pending() {
+                // Idle: hold no buffers.
+                items = VecDeque::new();
+                out = Vec::new();
+            }
+            taken.map(|()| true)
+        })
+        .await;
+        if !ready {
+            break;
+        }
+        out.clear();
+        written = 0;
+        if let Some(payload) = link.take_pong() {
+            codec::put_frame(codec::OP_PONG, &payload, &mut out);
+        }
+        let (close, _frames, bytes) = encode_batch(&mut items, &mut out, max_batch);
+        // Anything after a close marker is dropped (nothing is queued after one).
+        items.clear();
+        metrics.bytes_sent_total.fetch_add(bytes, Relaxed);
+        match write_out(conn, &queue, link, &out, &mut written).await {
+            Ok(true) => {}
+            Ok(false) => break,
+            Err(e) => {
+                tracing::debug!(conn = conn.id, error = %e, "write failed");
+                conn.close_quietly();
+                return;
+            }
+        }
+        if let Some(code) = close {
+            conn.close(code);
+            break;
+        }
+        if out.capacity() > KEEP_WRITE_BUFFER {
+            out = Vec::new();
         }
     }
-    let Some(code) = conn.close_code() else {
-        let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, sink.close()).await;
-        return;
-    };
-    metrics.disconnect(code);
-    if code == CloseCode::SlowConsumer {
-        metrics.slow_consumers_total.fetch_add(1, Relaxed);
-        tracing::warn!(conn = conn.id, "slow consumer disconnected");
+    // Whatever of the last batch was not written yet goes before the close frame, so the
+    // client never sees half a message.
+    out.drain(..written.min(out.len()));
+    match conn.close_code() {
+        None => {
+            let peer = *link
+                .peer_close
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            codec::put_close(peer.flatten(), "", &mut out);
+        }
+        Some(code) => {
+            metrics.disconnect(code);
+            if code == CloseCode::SlowConsumer {
+                metrics.slow_consumers_total.fetch_add(1, Relaxed);
+                tracing::warn!(conn = conn.id, "slow consumer disconnected");
+            }
+            // Frames still queued are dropped: the client recovers them after reconnecting.
+            codec::put_close(Some(code.code()), code.reason(), &mut out);
+        }
     }
-    let frame = CloseFrame {
-        code: code.code(),
-        reason: Utf8Bytes::from_static(code.reason()),
-    };
-    // Frames still queued are dropped: the client recovers them after reconnecting.
     let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, async {
-        sink.send(Message::Close(Some(frame))).await?;
-        sink.close().await
+        let mut written = 0;
+        poll_fn(|cx| {
+            let mut io = link.io();
+            while written < out.len() {
+                match ready!(Pin::new(&mut *io).poll_write(cx, &out[written..])) {
+                    Ok(n) if n > 0 => written += n,
+                    _ => return Poll::Ready(()),
+                }
+            }
+            let _ = ready!(Pin::new(&mut *io).poll_shutdown(cx));
+            Poll::Ready(())
+        })
+        .await;
     })
     .await;
 }
 
-async fn write_batch(
-    conn: &ConnHandle,
-    metrics: &crate::metrics::Metrics,
-    queue: &mut Queue,
-    sink: &mut SplitSink<WebSocket, Message>,
-    first: Outgoing,
-) -> Result<(), axum::Error> {
-    let mut next = Some(first);
-    let mut fed = 0;
-    while let Some(item) = next.take() {
-        let message = match item {
-            Outgoing::Text(text) => {
-                let len = text.len();
-                conn.dequeued(len);
-                metrics.bytes_sent_total.fetch_add(len as u64, Relaxed);
-                Message::Text(text)
-            }
-            Outgoing::Ping => Message::Ping(bytes::Bytes::new()),
-            Outgoing::Close(code) => {
-                // Everything before it is fed; the write loop sends the close frame.
-                sink.flush().await?;
-                conn.close(code);
-                return Ok(());
-            }
-        };
-        sink.feed(message).await?;
-        fed += 1;
-        if fed < MAX_FRAMES_PER_FLUSH {
-            next = queue.try_recv();
-        }
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(s: &str) -> Outgoing {
+        Outgoing::Text(Utf8Bytes::from(s.to_owned()))
     }
-    sink.flush().await
+
+    /// The messages of a run of server frames: (opcode, payload).
+    fn frames(mut bytes: &[u8]) -> Vec<(u8, String)> {
+        let mut out = Vec::new();
+        while !bytes.is_empty() {
+            let opcode = bytes[0] & 0x0F;
+            let (head, len) = match bytes[1] {
+                126 => (4, usize::from(u16::from_be_bytes([bytes[2], bytes[3]]))),
+                127 => (
+                    10,
+                    u64::from_be_bytes(bytes[2..10].try_into().unwrap()) as usize,
+                ),
+                n => (2, usize::from(n)),
+            };
+            out.push((
+                opcode,
+                String::from_utf8(bytes[head..head + len].to_vec()).unwrap(),
+            ));
+            bytes = &bytes[head + len..];
+        }
+        out
+    }
+
+    #[test]
+    fn joins_queued_text_frames_up_to_the_cap() {
+        let mut items: VecDeque<Outgoing> = [
+            text("{\"a\":1}"),
+            text("{\"b\":2}"),
+            Outgoing::Ping,
+            text("{\"c\":3}"),
+            text(&"x".repeat(20)),
+            text(&"y".repeat(40)),
+            text("{\"d\":4}"),
+            Outgoing::Close(CloseCode::Shutdown),
+            text("after"),
+        ]
+        .into();
+        let mut out = Vec::new();
+        let (close, n, bytes) = encode_batch(&mut items, &mut out, 32);
+        assert_eq!(close, Some(CloseCode::Shutdown));
+        assert_eq!(n, 6);
+        assert_eq!(
+            frames(&out),
+            [
+                (codec::OP_TEXT, "{\"a\":1}\n{\"b\":2}".to_owned()),
+                (codec::OP_PING, String::new()),
+                (codec::OP_TEXT, format!("{{\"c\":3}}\n{}", "x".repeat(20))),
+                // Larger than the cap: alone.
+                (codec::OP_TEXT, "y".repeat(40)),
+                (codec::OP_TEXT, "{\"d\":4}".to_owned()),
+            ]
+        );
+        assert_eq!(bytes, 15 + 28 + 40 + 7);
+        assert_eq!(items.len(), 1);
+    }
 }

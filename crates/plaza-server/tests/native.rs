@@ -73,22 +73,78 @@ async fn publications_arrive_in_order_byte_for_byte() {
     for i in 0..200 {
         assert_eq!(publisher.reply_to(json!(i)).await["result"], json!({}));
     }
-    for i in 0..200 {
-        let raw = match tokio::time::timeout(WAIT, futures_util::StreamExt::next(&mut sub.ws))
+    // Pushes queued together share a text frame, one per line.
+    let mut lines = Vec::new();
+    while lines.len() < 200 {
+        match tokio::time::timeout(WAIT, futures_util::StreamExt::next(&mut sub.ws))
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+        {
+            Message::Text(t) => lines.extend(t.split('\n').map(str::to_owned)),
+            other => panic!("{other:?}"),
+        }
+    }
+    for (i, raw) in lines.iter().enumerate() {
+        assert_eq!(
+            *raw,
+            format!(
+                r#"{{"push":"publication","channel":"chat:r1","data":{{"n": {i}, "s": "é\"x"}}}}"#
+            )
+        );
+    }
+}
+
+/// Frames queued together go out as one text message, one JSON object per line, and a payload
+/// sent pretty-printed (raw line feeds between its tokens) still takes one line.
+#[tokio::test]
+async fn frames_queued_together_share_a_message_one_per_line() {
+    let server = Server::start(CHAT_CONFIG);
+    let mut c = Client::connect(&server.ws_url()).await;
+    c.request("subscribe", json!({"channel": "chat:lines"}))
+        .await;
+    // All 50 publishes in one TCP write: the server reads and handles them in one go, so their
+    // replies and pushes are queued before its writer runs.
+    for i in 0..50 {
+        let data = if i == 7 {
+            "{\n  \"pretty\": [1,\n    2],\n  \"s\": \"a\\nb\"\n}".to_owned()
+        } else {
+            i.to_string()
+        };
+        let frame = format!(
+            r#"{{"id":"p{i}","method":"publish","params":{{"channel":"chat:lines","data":{data}}}}}"#
+        );
+        c.ws.feed(Message::Text(frame.into())).await.unwrap();
+    }
+    c.ws.flush().await.unwrap();
+    let (mut replies, mut pushes, mut most_in_one) = (0, Vec::new(), 0);
+    while replies < 50 || pushes.len() < 50 {
+        let raw = match tokio::time::timeout(WAIT, futures_util::StreamExt::next(&mut c.ws))
             .await
             .unwrap()
             .unwrap()
             .unwrap()
         {
             Message::Text(t) => t.to_string(),
+            Message::Ping(_) => continue,
             other => panic!("{other:?}"),
         };
-        assert_eq!(
-            raw,
-            format!(
-                r#"{{"push":"publication","channel":"chat:r1","data":{{"n": {i}, "s": "é\"x"}}}}"#
-            )
-        );
+        let lines = common::split_frame(&raw);
+        most_in_one = most_in_one.max(lines.len());
+        for v in lines {
+            if v.get("push").is_some() {
+                pushes.push(v["data"].clone());
+            } else {
+                assert_eq!(v["result"], json!({}), "{v}");
+                replies += 1;
+            }
+        }
+    }
+    assert!(most_in_one > 1, "every frame carried one object");
+    assert_eq!(pushes[7], json!({"pretty": [1, 2], "s": "a\nb"}));
+    for (i, data) in pushes.iter().enumerate().filter(|(i, _)| *i != 7) {
+        assert_eq!(*data, json!(i));
     }
 }
 

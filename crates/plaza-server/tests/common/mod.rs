@@ -242,6 +242,8 @@ pub struct Client {
     next_id: u64,
     /// Pushes that arrived while waiting for a reply.
     pub pushes: std::collections::VecDeque<Value>,
+    /// Objects of a text frame not returned yet (a frame may carry several, one per line).
+    lines: std::collections::VecDeque<Value>,
 }
 
 impl Client {
@@ -258,6 +260,7 @@ impl Client {
             ws,
             next_id: 1,
             pushes: Default::default(),
+            lines: Default::default(),
         }
     }
 
@@ -298,16 +301,20 @@ impl Client {
         }
     }
 
-    /// The next JSON text frame (pings are answered by tungstenite).
+    /// The next JSON object the server sent (pings are answered by tungstenite). A text frame
+    /// carries one or more, one per line: the rest are kept for the next calls.
     pub async fn next_json(&mut self) -> Value {
         loop {
+            if let Some(v) = self.lines.pop_front() {
+                return v;
+            }
             let msg = tokio::time::timeout(WAIT, self.ws.next())
                 .await
                 .expect("timed out waiting for a frame")
                 .expect("stream ended")
                 .expect("ws error");
             match msg {
-                Message::Text(t) => return serde_json::from_str(&t).expect("json frame"),
+                Message::Text(t) => self.lines.extend(split_frame(&t)),
                 Message::Ping(_) | Message::Pong(_) => continue,
                 other => panic!("unexpected frame {other:?}"),
             }
@@ -327,8 +334,18 @@ impl Client {
     /// Asserts nothing arrives within `quiet`.
     pub async fn expect_silence(&mut self, quiet: Duration) {
         assert!(self.pushes.is_empty(), "pending pushes: {:?}", self.pushes);
-        if let Ok(Some(Ok(msg))) = tokio::time::timeout(quiet, self.ws.next()).await {
-            panic!("expected silence, got {msg:?}");
+        assert!(self.lines.is_empty(), "pending frames: {:?}", self.lines);
+        // Keep-alive pings are not messages: the server may send one at any time.
+        let deadline = Instant::now() + quiet;
+        while let Ok(Some(Ok(msg))) = tokio::time::timeout(
+            deadline.saturating_duration_since(Instant::now()),
+            self.ws.next(),
+        )
+        .await
+        {
+            if !matches!(msg, Message::Ping(_) | Message::Pong(_)) {
+                panic!("expected silence, got {msg:?}");
+            }
         }
     }
 
@@ -336,6 +353,15 @@ impl Client {
     pub async fn close_code(&mut self) -> Option<u16> {
         read_close_code(&mut self.ws).await
     }
+}
+
+/// The JSON objects of one native text frame: one per line (docs/PROTOCOL.md, "Frames").
+pub fn split_frame(text: &str) -> Vec<Value> {
+    text.split('\n')
+        .map(|line| {
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("json line {line:?}: {e}"))
+        })
+        .collect()
 }
 
 /// Reads any WebSocket stream until the server closes; returns the close code (None if the
