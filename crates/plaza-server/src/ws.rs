@@ -394,7 +394,10 @@ fn encode_batch(
     let (mut frames, mut bytes) = (0u64, 0u64);
     while let Some(item) = items.pop_front() {
         let first = match item {
-            Outgoing::Text(text) => text,
+            Outgoing::Text(text) => {
+                debug_assert_no_line_feed(&text);
+                text
+            }
             Outgoing::Ping => {
                 codec::put_header(codec::OP_PING, 0, out);
                 continue;
@@ -417,6 +420,7 @@ fn encode_batch(
         out.extend_from_slice(first.as_str().as_bytes());
         for _ in 0..joined {
             if let Some(Outgoing::Text(t)) = items.pop_front() {
+                debug_assert_no_line_feed(&t);
                 out.push(b'\n');
                 out.extend_from_slice(t.as_str().as_bytes());
             }
@@ -425,6 +429,15 @@ fn encode_batch(
         bytes += len as u64;
     }
     (None, frames, bytes)
+}
+
+/// Every object the server queues is one line (docs/PROTOCOL.md, "Frames"); the debug builds
+/// that run the tests check it.
+fn debug_assert_no_line_feed(text: &Utf8Bytes) {
+    debug_assert!(
+        !text.as_str().contains('\n'),
+        "a queued frame holds a raw line feed: {text:?}"
+    );
 }
 
 /// Writes `out[*written..]`; `Ok(false)` if the connection started closing first (the rest
