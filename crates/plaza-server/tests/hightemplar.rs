@@ -125,6 +125,10 @@ fn config(app: SocketAddr, extra: &str) -> String {
 
 /// Plaza consuming `exchange` on the test broker, ready (its queue bound) when this returns.
 async fn start_with_amqp(app: SocketAddr, exchange: &str, extra: &str) -> Server {
+    assert!(
+        cfg!(feature = "amqp"),
+        "this test needs RabbitMQ support: cargo test --features amqp (or --all-features)"
+    );
     let server = Server::start(&config(
         app,
         &format!(
