@@ -185,13 +185,31 @@ pub struct GroupRecord {
     pub generation: String,
 }
 
-/// Where a received message sits: the value of [`keys::received`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// Where a received message sits: the value of [`keys::received`], written by the store with
+/// the message as the offsets of its appends: `[conversation offset, inbox seq]`, or `[seq]` for
+/// a system message to a user (which has no conversation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Received {
     /// Offset in the recipient's inbox.
     pub seq: u64,
     /// Offset in the conversation's history (0 for a system message, which has none).
     pub offset: u64,
+}
+
+impl Received {
+    pub fn parse(value: &[u8]) -> Option<Self> {
+        match serde_json::from_slice::<Vec<u64>>(value).ok()?.as_slice() {
+            [offset, seq] => Some(Self {
+                seq: *seq,
+                offset: *offset,
+            }),
+            [seq] => Some(Self {
+                seq: *seq,
+                offset: 0,
+            }),
+            _ => None,
+        }
+    }
 }
 
 /// What the value of [`keys::sent`] holds: enough to answer a retried send.
@@ -357,6 +375,15 @@ mod tests {
             Conversation::direct("alice", "bob")
         );
         assert_eq!(keys::last_part(&keys::member("g", "bob")), "bob");
+        assert_eq!(
+            Received::parse(b"[4,9]"),
+            Some(Received { seq: 9, offset: 4 })
+        );
+        assert_eq!(
+            Received::parse(b"[9]"),
+            Some(Received { seq: 9, offset: 0 })
+        );
+        assert_eq!(Received::parse(b"{}"), None);
     }
 
     #[test]

@@ -102,6 +102,9 @@ fn seconds(secs: u64) -> Option<Duration> {
     (secs > 0).then(|| Duration::from_secs(secs))
 }
 
+/// A send queued to the store: resolves once it is durable.
+pub type PendingSend = plaza_store::BoxFuture<'static, Result<Accepted, ReplyError>>;
+
 /// Most entries read from one conversation for unread counts or one history page.
 pub const MAX_HISTORY_PAGE: usize = 100;
 
@@ -488,11 +491,12 @@ impl Chat {
         &self,
         from: &str,
         to: &Peer,
+        allow_self: bool,
     ) -> Result<(Vec<String>, Option<Conversation>), ReplyError> {
         match to {
             Peer::User(user) => {
                 user_checked(user)?;
-                if user == from {
+                if user == from && !allow_self {
                     return Err(bad("a direct message needs another user than yourself"));
                 }
                 if !self.user_exists(user).await? {
@@ -527,6 +531,33 @@ impl Chat {
         id: Option<String>,
         data: Payload,
     ) -> Result<Accepted, ReplyError> {
+        self.start_send(from, to, id, data, false).await?.await
+    }
+
+    /// [`Chat::send`], where `allow_self` lets a user message itself (Bachata routes allow it).
+    pub async fn send_with(
+        &self,
+        from: &str,
+        to: &Peer,
+        id: Option<String>,
+        data: Payload,
+        allow_self: bool,
+    ) -> Result<Accepted, ReplyError> {
+        self.start_send(from, to, id, data, allow_self).await?.await
+    }
+
+    /// [`Chat::send`] in two steps: checks and routing now, then the write is queued to the store
+    /// before this returns, and the future resolves once it is durable. Sends started one after
+    /// another are stored in that order however their futures are awaited, so a connection can
+    /// keep many in flight (and group commit can batch them) without reordering its messages.
+    pub async fn start_send(
+        &self,
+        from: &str,
+        to: &Peer,
+        id: Option<String>,
+        data: Payload,
+        allow_self: bool,
+    ) -> Result<PendingSend, ReplyError> {
         let max = self.config.max_message_size;
         if data.len() > max {
             return Err(ReplyError::new(
@@ -541,7 +572,7 @@ impl Chat {
             }
             None => new_message_id()?,
         };
-        let (recipients, conversation) = self.route(from, to).await?;
+        let (recipients, conversation) = self.route(from, to, allow_self).await?;
         let ts = now_ms();
         let entry = chat::message_entry(&id, from, to, &data, ts);
         let sent_key = keys::sent(&id, from);
@@ -570,58 +601,49 @@ impl Chat {
             });
         }
         for user in &recipients {
+            // Where the message lands in this inbox (and in the conversation), for
+            // acknowledgements and read markers by id, stored with the message itself.
+            let inbox_index = batch.appends.len();
+            let indexes = match conversation {
+                Some(_) => vec![0, inbox_index],
+                None => vec![inbox_index],
+            };
+            batch
+                .offsets
+                .push((keys::received(user, &id, from), indexes));
             batch.appends.push(StreamAppend {
                 stream: chat::inbox(user),
                 payload: entry.clone(),
                 options: self.config.inbox_options(),
             });
         }
-        let positions = match self.store.write(batch).await.map_err(internal)? {
-            WriteOutcome::Written(positions) => positions,
-            WriteOutcome::Exists(bytes) => {
-                let first: SentRecord =
-                    serde_json::from_slice(&bytes).map_err(|e| corrupt("sent", e))?;
-                return Ok(Accepted {
+        let written = self.store.write(batch);
+        let count = recipients.len() as u64;
+        Ok(Box::pin(async move {
+            match written.await.map_err(internal)? {
+                WriteOutcome::Written(_) => Ok(Accepted {
                     id,
-                    ts: first.ts,
-                    recipients: first.recipients,
-                    duplicate: true,
-                });
+                    ts,
+                    recipients: count,
+                    duplicate: false,
+                }),
+                WriteOutcome::Exists(bytes) => {
+                    let first: SentRecord =
+                        serde_json::from_slice(&bytes).map_err(|e| corrupt("sent", e))?;
+                    Ok(Accepted {
+                        id,
+                        ts: first.ts,
+                        recipients: first.recipients,
+                        duplicate: true,
+                    })
+                }
             }
-        };
-        // Where the message sits in each inbox, for acknowledgements and read markers by id.
-        // Written after the message: if the server dies in between, acknowledging by `seq`
-        // still works, and by id the message simply stays unacknowledged.
-        let (offset, inbox_positions) = match conversation {
-            Some(_) => (positions.first().map_or(0, |p| p.offset), &positions[1..]),
-            None => (0, &positions[..]),
-        };
-        let index = WriteBatch {
-            kv: recipients
-                .iter()
-                .zip(inbox_positions)
-                .map(|(user, position)| {
-                    let received = Received {
-                        seq: position.offset,
-                        offset,
-                    };
-                    (keys::received(user, &id, from), Some(to_json(&received)))
-                })
-                .collect(),
-            ..WriteBatch::default()
-        };
-        self.store.write(index).await.map_err(internal)?;
-        Ok(Accepted {
-            id,
-            ts,
-            recipients: recipients.len() as u64,
-            duplicate: false,
-        })
+        }))
     }
 
     /// An ephemeral notice to the other side, stored nowhere.
     pub async fn typing(&self, from: &str, to: &Peer) -> Result<(), ReplyError> {
-        let (recipients, _) = self.route(from, to).await?;
+        let (recipients, _) = self.route(from, to, false).await?;
         let (field, name) = to.field();
         let name = match to {
             Peer::User(_) => from,
@@ -676,8 +698,10 @@ impl Chat {
             if from.is_some_and(|f| f != sender) {
                 continue;
             }
-            let received: Received =
-                serde_json::from_slice(&value).map_err(|e| corrupt(&key, e))?;
+            let received = Received::parse(&value).ok_or_else(|| {
+                tracing::error!(key = %key.replace('\0', "/"), "corrupt chat record");
+                ReplyError::new(ErrorCode::Internal, "a stored chat record is unreadable")
+            })?;
             found.push((sender.to_owned(), received));
         }
         if found.is_empty() {
@@ -840,7 +864,7 @@ impl Chat {
                 options: self.config.inbox_options(),
             }],
             kv: vec![(key, Some(offset.to_string().into_bytes()))],
-            unless_exists: None,
+            ..WriteBatch::default()
         };
         self.store.write(batch).await.map_err(internal)?;
         Ok(true)

@@ -133,6 +133,16 @@ impl Session {
                 }
                 Err(e) => Err(e),
             },
+            Command::Chat(ChatCommand::Send { to, id, data }) if self.conn.is_connected() => {
+                match self.start_send(to, id, data).await {
+                    Ok(later) => {
+                        pending = Some(later);
+                        // Replaced by the pending reply.
+                        Ok(Outcome::Done)
+                    }
+                    Err(e) => Err(e),
+                }
+            }
             other => self.execute(other).await,
         };
         Handled {
@@ -254,10 +264,9 @@ impl Session {
         }
     }
 
-    async fn chat(&mut self, command: ChatCommand) -> Result<Outcome, ReplyError> {
-        let node = Arc::clone(&self.node);
-        let chat = &node.chat;
-        if !chat.config.enabled {
+    /// Refuses chat when it is off or the connection is anonymous.
+    fn chat_allowed(&self) -> Result<(), ReplyError> {
+        if !self.node.chat.config.enabled {
             return Err(ReplyError::new(
                 ErrorCode::UnknownMethod,
                 "chat is turned off on this server ([chat] enabled = false)",
@@ -269,20 +278,44 @@ impl Session {
                 "chat needs an authenticated user: connect with a token",
             ));
         }
+        Ok(())
+    }
+
+    /// A chat send, pipelined like a publish: queued to the store now (so a connection's
+    /// messages keep their order), answered `accepted` once durable.
+    async fn start_send(
+        &self,
+        to: Peer,
+        id: Option<String>,
+        data: Payload,
+    ) -> Result<PendingReply, ReplyError> {
+        self.chat_allowed()?;
+        let to = self.checked_peer(to)?;
+        let durable = self
+            .node
+            .chat
+            .start_send(&self.user, &to, id, data, false)
+            .await?;
+        Ok(Box::pin(async move {
+            let accepted = durable.await?;
+            Ok(Outcome::Json(Payload::from_trusted(format!(
+                "{{\"status\":\"accepted\",\"id\":{},\"ts\":{},\"recipients\":{},\"duplicate\":{}}}",
+                json_string(&accepted.id),
+                accepted.ts,
+                accepted.recipients,
+                accepted.duplicate
+            ))))
+        }))
+    }
+
+    async fn chat(&mut self, command: ChatCommand) -> Result<Outcome, ReplyError> {
+        self.chat_allowed()?;
+        let node = Arc::clone(&self.node);
+        let chat = &node.chat;
         let user = self.user.clone();
         let json = |text: String| Ok(Outcome::Json(Payload::from_trusted(text)));
         match command {
-            ChatCommand::Send { to, id, data } => {
-                let to = self.checked_peer(to)?;
-                let accepted = chat.send(&user, &to, id, data).await?;
-                json(format!(
-                    "{{\"status\":\"accepted\",\"id\":{},\"ts\":{},\"recipients\":{},\"duplicate\":{}}}",
-                    json_string(&accepted.id),
-                    accepted.ts,
-                    accepted.recipients,
-                    accepted.duplicate
-                ))
-            }
+            ChatCommand::Send { to, id, data } => self.start_send(to, id, data).await?.await,
             ChatCommand::Ack { seqs, id, from } => {
                 let mut acked = chat.ack_seqs(&user, &seqs).await?;
                 if let Some(id) = id {

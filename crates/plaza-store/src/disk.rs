@@ -703,6 +703,10 @@ impl Tables<'_> {
                 }
             }
         }
+        for (key, indexes) in &batch.offsets {
+            let value = WriteBatch::offsets_value(&positions, indexes);
+            self.kv.insert(key.as_str(), value.as_slice())?;
+        }
         Ok(Ok(WriteOutcome::Written(positions)))
     }
 

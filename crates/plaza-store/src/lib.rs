@@ -92,6 +92,10 @@ pub struct WriteBatch {
     /// When this key already exists, nothing is written and its value is returned instead
     /// ([`WriteOutcome::Exists`]): put the same key in `kv` to make a retried batch a no-op.
     pub unless_exists: Option<String>,
+    /// Key-value writes of positions known only once appended: the offsets of the appends at
+    /// these indexes (into `appends`), stored under the key as a JSON array (`[12,5]`). How an
+    /// index from a message id to its place in each inbox is written with the message itself.
+    pub offsets: Vec<(String, Vec<usize>)>,
 }
 
 /// The answer to [`Store::write`].
@@ -110,13 +114,23 @@ pub type KvEntries = Vec<(String, Vec<u8>)>;
 pub const MAX_KV_KEY: usize = 1024;
 
 impl WriteBatch {
+    /// The value [`WriteBatch::offsets`] stores for `indexes`, given the batch's positions.
+    pub fn offsets_value(positions: &[Position], indexes: &[usize]) -> Vec<u8> {
+        let list: Vec<String> = indexes
+            .iter()
+            .map(|&i| positions.get(i).map_or(0, |p| p.offset).to_string())
+            .collect();
+        format!("[{}]", list.join(",")).into_bytes()
+    }
+
     /// Refuses keys that cannot be stored.
     pub fn validate(&self) -> Result<(), StoreError> {
         let keys = self
             .kv
             .iter()
             .map(|(k, _)| k)
-            .chain(self.unless_exists.as_ref());
+            .chain(self.unless_exists.as_ref())
+            .chain(self.offsets.iter().map(|(k, _)| k));
         for key in keys {
             if key.is_empty() || key.len() > MAX_KV_KEY {
                 return Err(StoreError::Invalid(format!(
@@ -124,6 +138,15 @@ impl WriteBatch {
                     key.len()
                 )));
             }
+        }
+        if let Some((key, _)) = self
+            .offsets
+            .iter()
+            .find(|(_, indexes)| indexes.iter().any(|&i| i >= self.appends.len()))
+        {
+            return Err(StoreError::Invalid(format!(
+                "offsets of '{key}' name an append the batch does not have"
+            )));
         }
         Ok(())
     }

@@ -157,6 +157,10 @@ impl MemoryStore {
                 None => state.kv.remove(&key),
             };
         }
+        for (key, indexes) in batch.offsets {
+            let value = WriteBatch::offsets_value(&positions, &indexes);
+            state.kv.insert(key, value);
+        }
         Ok(WriteOutcome::Written(positions))
     }
 

@@ -448,6 +448,7 @@ async fn write_batches_are_atomic_and_idempotent(f: Fixture) {
             ("scratch".into(), None),
         ],
         unless_exists: Some("sent/alice/m1".into()),
+        offsets: vec![("where/m1".into(), vec![2, 0])],
     };
     let first = f.store.write(batch.clone()).await.unwrap();
     let WriteOutcome::Written(positions) = first else {
@@ -475,6 +476,11 @@ async fn write_batches_are_atomic_and_idempotent(f: Fixture) {
         f.store.kv_get("sent/alice/m1").await.unwrap(),
         Some(b"3".to_vec())
     );
+    // Offsets known only once appended were recorded with the batch.
+    assert_eq!(
+        f.store.kv_get("where/m1").await.unwrap(),
+        Some(b"[1,1]".to_vec())
+    );
     // A delete, and a bad key refuses the whole batch.
     let delete = WriteBatch {
         kv: vec![("sent/alice/m1".into(), None)],
@@ -490,9 +496,23 @@ async fn write_batches_are_atomic_and_idempotent(f: Fixture) {
         }],
         kv: vec![(String::new(), Some(vec![]))],
         unless_exists: None,
+        offsets: Vec::new(),
     };
     assert!(matches!(
         f.store.write(bad).await,
+        Err(StoreError::Invalid(_))
+    ));
+    let out_of_range = WriteBatch {
+        appends: vec![StreamAppend {
+            stream: inbox("dave"),
+            payload: n(1),
+            options: unbounded(),
+        }],
+        offsets: vec![("k".into(), vec![1])],
+        ..Default::default()
+    };
+    assert!(matches!(
+        f.store.write(out_of_range).await,
         Err(StoreError::Invalid(_))
     ));
     assert_eq!(f.store.top(&inbox("dave")).await.unwrap(), None);
