@@ -2,6 +2,7 @@
 
 use crate::scenario::chat::ChatArgs;
 use crate::scenario::conns::ConnsArgs;
+use crate::scenario::dm::DmArgs;
 use crate::scenario::fanout::FanoutArgs;
 use crate::scenario::publish::PublishArgs;
 use clap::{Parser, Subcommand};
@@ -38,4 +39,7 @@ pub enum Scenario {
     /// R rooms of K members, each member sending at a fixed rate to its room: deliveries/s,
     /// latency, loss, server CPU.
     Chat(ChatArgs),
+    /// P sender/receiver pairs of direct messages through Plaza's chat (native only): accepted
+    /// DMs/s with W sends in flight, then latency at a fixed rate, every message acknowledged.
+    Dm(DmArgs),
 }

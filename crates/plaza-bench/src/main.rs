@@ -1,7 +1,7 @@
 use anyhow::{Context, Result};
 use clap::Parser;
 use plaza_bench::cli::{Cli, Scenario};
-use plaza_bench::scenario::{chat, conns, fanout, publish};
+use plaza_bench::scenario::{chat, conns, dm, fanout, publish};
 
 /// Exit status: 0 for a clean run, 2 for a run that finished with problems (loss, refusals,
 /// dropped subscribers, the deadline: listed in `problems`), 1 when it could not run.
@@ -34,6 +34,12 @@ fn run() -> Result<bool> {
         }
         Scenario::Chat(args) => {
             let report = rt.block_on(chat::run(args, threads))?;
+            eprint!("{}", report.table());
+            println!("{}", serde_json::to_string(&report)?);
+            report.problems.is_empty()
+        }
+        Scenario::Dm(args) => {
+            let report = rt.block_on(dm::run(args))?;
             eprint!("{}", report.table());
             println!("{}", serde_json::to_string(&report)?);
             report.problems.is_empty()

@@ -11,10 +11,14 @@
 //!
 //! - [`chat`]: R rooms of K members each sending at a fixed rate; deliveries/s, latency, loss.
 //!
+//! - [`dm`]: direct messages through Plaza's chat: accepted (durable) DMs/s, end-to-end latency
+//!   at a fixed rate with every message acknowledged.
+//!
 //! [`target`] says which server (Plaza or a peer) a scenario talks to.
 
 pub mod chat;
 pub mod conns;
+pub mod dm;
 pub mod fanout;
 pub mod publish;
 pub mod target;
