@@ -14,6 +14,7 @@ use plaza_core::{AccessPolicy, Limits, NamespaceOptions, Namespaces};
 use serde::{Deserialize, Serialize};
 
 use crate::auth::AuthConfig;
+use crate::bachata::BachataConfig;
 use crate::chat::ChatConfig;
 use crate::hightemplar::HighTemplarConfig;
 use crate::live::LiveConfig;
@@ -64,6 +65,9 @@ pub struct Config {
     /// High-templar compatibility (`[hightemplar]`); off when absent.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hightemplar: Option<HighTemplarConfig>,
+    /// Bachata compatibility (`[bachata]`); off when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bachata: Option<BachataConfig>,
 }
 
 impl Default for Config {
@@ -88,6 +92,7 @@ impl Default for Config {
             default_namespace: NamespaceOptions::default(),
             namespaces: BTreeMap::new(),
             hightemplar: None,
+            bachata: None,
         }
     }
 }
@@ -281,6 +286,20 @@ impl Config {
                     "native_path '{}' is also in hightemplar.paths",
                     self.native_path
                 ));
+            }
+        }
+        // [bachata]
+        if let Some(b) = &self.bachata {
+            b.validate().map_err(ConfigError::Invalid)?;
+            let taken = std::iter::once(&self.native_path)
+                .chain(self.hightemplar.iter().flat_map(|h| h.paths.iter()));
+            if let Some(path) = taken.into_iter().find(|p| **p == b.path) {
+                return invalid(format!(
+                    "bachata.path '{path}' is already used by another endpoint"
+                ));
+            }
+            if !self.chat.enabled {
+                return invalid("[bachata] needs chat.enabled = true".into());
             }
         }
         if self.ping_interval_secs > 3600 || self.connect_timeout_secs > 3600 {

@@ -30,6 +30,15 @@ pub struct Subscriber {
     /// Set for protocols whose publication frame differs per subscription (High-templar puts
     /// the subscription's requestId in it): they encode their own frames.
     frames: Option<Arc<dyn SubscriptionFrames>>,
+    /// Set for a stream subscriber with its own frame per entry (a Bachata inbox): offered
+    /// through the parking and offset rules like a native one. Ephemeral events skip it.
+    encoder: Option<Arc<dyn EntryEncoder>>,
+}
+
+/// Encodes one stream entry for one subscriber (`None`: nothing to send). Runs under the
+/// index's shard lock: it must not block.
+pub trait EntryEncoder: Send + Sync {
+    fn encode(&self, offset: Option<u64>, data: &Payload) -> Option<Utf8Bytes>;
 }
 
 /// Encodes and queues the frames of one publication for a subscriber whose frames depend on
@@ -49,6 +58,7 @@ impl Subscriber {
             parking: AtomicBool::new(false),
             parked: Mutex::new(None),
             frames: None,
+            encoder: None,
         })
     }
 
@@ -60,6 +70,7 @@ impl Subscriber {
             parking: AtomicBool::new(false),
             parked: Mutex::new(None),
             frames: Some(frames),
+            encoder: None,
         })
     }
 
@@ -71,6 +82,19 @@ impl Subscriber {
             parking: AtomicBool::new(true),
             parked: Mutex::new(Some(Vec::new())),
             frames: None,
+            encoder: None,
+        })
+    }
+
+    /// A parked subscriber (see [`Subscriber::parked`]) whose frames `encoder` makes.
+    pub fn parked_with_encoder(conn: Arc<ConnHandle>, encoder: Arc<dyn EntryEncoder>) -> Arc<Self> {
+        Arc::new(Self {
+            conn,
+            last_offset: AtomicU64::new(0),
+            parking: AtomicBool::new(true),
+            parked: Mutex::new(Some(Vec::new())),
+            frames: None,
+            encoder: Some(encoder),
         })
     }
 
@@ -197,7 +221,7 @@ impl Hub {
     pub fn push_event(&self, channel: &str, except: ConnId, frame: String) {
         let frame = Utf8Bytes::from(frame);
         self.index.for_each_subscriber(channel, |id, subscriber| {
-            if id != except {
+            if id != except && subscriber.encoder.is_none() {
                 let _ = subscriber.conn.push_text(frame.clone());
             }
         });
@@ -214,6 +238,12 @@ impl Hub {
         self.index.for_each_subscriber(channel, |_, subscriber| {
             if let Some(frames) = &subscriber.frames {
                 delivered += frames.offer(&subscriber.conn, data);
+                return;
+            }
+            if let Some(encoder) = &subscriber.encoder {
+                if let Some(own) = encoder.encode(offset, data) {
+                    delivered += u64::from(subscriber.offer(offset, &own));
+                }
                 return;
             }
             let frame = frame.get_or_insert_with(|| {

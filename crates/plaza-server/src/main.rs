@@ -2,6 +2,7 @@
 
 mod api;
 mod auth;
+mod bachata;
 mod backend_key;
 mod chat;
 mod config;

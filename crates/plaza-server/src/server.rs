@@ -16,6 +16,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::auth::Auth;
+use crate::bachata::Bachata;
 use crate::backend_key::{self, KeySource};
 use crate::config::Config;
 use crate::hightemplar::HighTemplar;
@@ -74,7 +75,16 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         None => None,
     };
 
+    // Bachata (`[bachata]`): its WebSocket path over chat.
+    let bachata = match &config.bachata {
+        Some(b) => Some(Bachata::start(b, Arc::clone(&node))?),
+        None => None,
+    };
+
     let mut public = Router::new().route(&config.native_path, get(ws::upgrade));
+    if let Some(b) = &bachata {
+        public = public.merge(b.router());
+    }
     if let (Some(ht), Some(cfg)) = (&hightemplar, &config.hightemplar) {
         public = public.merge(ht.router(&cfg.paths));
     }
