@@ -8,7 +8,7 @@
 //! module is the only place that reads or writes them, and protocol adapters call it rather than
 //! the store.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use dashmap::DashMap;
@@ -23,6 +23,10 @@ use plaza_store::{
 use serde::{Deserialize, Serialize};
 
 use crate::hub::Hub;
+
+mod undelivered;
+
+use undelivered::{Watched, Webhook};
 
 /// `[chat]` in the configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -46,6 +50,13 @@ pub struct ChatConfig {
     pub window: usize,
     /// Whether clients may list every group (`groups` with `all`).
     pub list_all_groups: bool,
+    /// POSTed `{"event":"undelivered","id","from","recipient","to"|"group","ts"}` when a message
+    /// is still unacknowledged by a recipient `undelivered_after_secs` after it was accepted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub undelivered_webhook_url: Option<String>,
+    pub undelivered_after_secs: u64,
+    /// Time allowed for one webhook call (connect to last byte).
+    pub webhook_timeout_ms: u64,
 }
 
 impl Default for ChatConfig {
@@ -61,6 +72,9 @@ impl Default for ChatConfig {
             max_groups_per_user: 1000,
             window: 1000,
             list_all_groups: false,
+            undelivered_webhook_url: None,
+            undelivered_after_secs: 60,
+            webhook_timeout_ms: 5000,
         }
     }
 }
@@ -80,7 +94,29 @@ impl ChatConfig {
                 return Err(format!("chat.{name} must be at least 1"));
             }
         }
+        self.webhook_url()?;
+        if self.undelivered_after_secs == 0 || self.webhook_timeout_ms == 0 {
+            return Err(
+                "chat.undelivered_after_secs and chat.webhook_timeout_ms must be at least 1".into(),
+            );
+        }
         Ok(())
+    }
+
+    /// The parsed `undelivered_webhook_url`, when set: an `http://` URL with a host.
+    fn webhook_url(&self) -> Result<Option<hyper::http::Uri>, String> {
+        let Some(url) = &self.undelivered_webhook_url else {
+            return Ok(None);
+        };
+        let uri: hyper::http::Uri = url
+            .parse()
+            .map_err(|e| format!("chat.undelivered_webhook_url '{url}' is not a URL: {e}"))?;
+        if uri.scheme_str() != Some("http") || uri.host().is_none_or(str::is_empty) {
+            return Err(format!(
+                "chat.undelivered_webhook_url '{url}' must be an http:// URL with a host"
+            ));
+        }
+        Ok(Some(uri))
     }
 
     fn inbox_options(&self) -> StreamOptions {
@@ -160,6 +196,8 @@ pub struct Chat {
     ack_locks: DashMap<Box<str>, Arc<tokio::sync::Mutex<()>>>,
     /// Users whose record is known to be stored, to skip the write at each connect.
     known: DashMap<Box<str>, ()>,
+    /// Set by [`Chat::start_webhook`] when a webhook is configured.
+    webhook: OnceLock<Webhook>,
 }
 
 fn internal(e: StoreError) -> ReplyError {
@@ -213,7 +251,21 @@ impl Chat {
             hub,
             ack_locks: DashMap::new(),
             known: DashMap::new(),
+            webhook: OnceLock::new(),
         }
+    }
+
+    /// Starts watching for undelivered messages when a webhook is configured. Needs a runtime.
+    pub fn start_webhook(&self) {
+        let Ok(Some(url)) = self.config.webhook_url() else {
+            return;
+        };
+        let after = Duration::from_secs(self.config.undelivered_after_secs);
+        let timeout = Duration::from_millis(self.config.webhook_timeout_ms);
+        tracing::info!(url = %url, after_secs = after.as_secs(), "undelivered-message webhook on");
+        let _ = self
+            .webhook
+            .set(Webhook::start(url, after, timeout, Arc::clone(&self.store)));
     }
 
     // ----- users -----
@@ -619,14 +671,34 @@ impl Chat {
         }
         let written = self.store.write(batch);
         let count = recipients.len() as u64;
+        let watch = self.webhook.get().cloned().map(|webhook| {
+            let (field, name) = to.field();
+            (webhook, recipients, from.to_owned(), field, name.to_owned())
+        });
         Ok(Box::pin(async move {
             match written.await.map_err(internal)? {
-                WriteOutcome::Written(_) => Ok(Accepted {
-                    id,
-                    ts,
-                    recipients: count,
-                    duplicate: false,
-                }),
+                WriteOutcome::Written(_) => {
+                    if let Some((webhook, recipients, from, field, name)) = watch {
+                        let due = tokio::time::Instant::now() + webhook.after;
+                        for recipient in recipients {
+                            webhook.watch(Watched {
+                                due,
+                                recipient,
+                                id: id.clone(),
+                                from: from.clone(),
+                                field,
+                                name: name.clone(),
+                                ts,
+                            });
+                        }
+                    }
+                    Ok(Accepted {
+                        id,
+                        ts,
+                        recipients: count,
+                        duplicate: false,
+                    })
+                }
                 WriteOutcome::Exists(bytes) => {
                     let first: SentRecord =
                         serde_json::from_slice(&bytes).map_err(|e| corrupt("sent", e))?;
@@ -1120,6 +1192,32 @@ impl Chat {
     pub async fn ack_cursor(&self, user: &str) -> Result<u64, ReplyError> {
         Ok(self.ack_state(user).await?.cursor)
     }
+}
+
+/// Whether `user` acknowledged message `id` from `from` (or it left the inbox, or cannot be
+/// found: nothing to report then).
+async fn is_acknowledged(
+    store: &dyn Store,
+    user: &str,
+    id: &str,
+    from: &str,
+) -> Result<bool, StoreError> {
+    let Some(received) = store
+        .kv_get(&keys::received(user, id, from))
+        .await?
+        .and_then(|v| Received::parse(&v))
+    else {
+        return Ok(true);
+    };
+    let Some(top) = store.top(&chat::inbox(user)).await? else {
+        return Ok(true);
+    };
+    let state: AckState = store
+        .kv_get(&keys::acks(user))
+        .await?
+        .and_then(|v| serde_json::from_slice(&v).ok())
+        .unwrap_or_default();
+    Ok(state.epoch == top.epoch && state.is_acked(received.seq))
 }
 
 /// The conversation a receipt about `entry` names, from its sender's side: the recipient for a

@@ -68,6 +68,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         live,
         config.chat.clone(),
     );
+    node.chat.start_webhook();
 
     // High-templar (`[hightemplar]`): its WebSocket paths, triggers from RabbitMQ and HTTP.
     let hightemplar = match &config.hightemplar {

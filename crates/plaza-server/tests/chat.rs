@@ -798,3 +798,69 @@ async fn backend_chat_api() {
     let (_, body) = api(&server, "GET", "/api/chat/history?group=ops", None).await;
     assert_eq!(body["messages"], json!([]));
 }
+
+/// A message still unacknowledged after `undelivered_after_secs` is POSTed to the app, retried
+/// until the app takes it; an acknowledged one is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undelivered_messages_reach_the_webhook() {
+    use axum::routing::post;
+    use std::sync::{Arc, Mutex};
+    let calls: Arc<Mutex<Vec<Value>>> = Arc::default();
+    let seen = Arc::clone(&calls);
+    let app = axum::Router::new().route(
+        "/undelivered",
+        post(move |axum::Json(body): axum::Json<Value>| {
+            let seen = Arc::clone(&seen);
+            async move {
+                let mut calls = seen.lock().unwrap();
+                calls.push(body);
+                // The first call fails: the webhook must retry.
+                if calls.len() == 1 {
+                    axum::http::StatusCode::INTERNAL_SERVER_ERROR
+                } else {
+                    axum::http::StatusCode::NO_CONTENT
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let server = Server::start(&config(&format!(
+        "undelivered_webhook_url = \"http://{addr}/undelivered\"\nundelivered_after_secs = 1"
+    )));
+    register(&server, &["bob"]).await;
+    let (mut bob, _) = login(&server, "bob").await;
+    let (mut alice, _) = login(&server, "alice").await;
+    ok(
+        &mut alice,
+        "send",
+        json!({"user": "bob", "id": "acked", "data": 1}),
+    )
+    .await;
+    ok(
+        &mut alice,
+        "send",
+        json!({"user": "bob", "id": "ignored", "data": 2}),
+    )
+    .await;
+    let first = message(&mut bob).await;
+    assert_eq!(first["id"], "acked");
+    ack(&mut bob, &first["seq"]).await;
+    // Due after 1 s, then one retry after 1 s more.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while calls.lock().unwrap().len() < 2 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let calls = calls.lock().unwrap().clone();
+    assert_eq!(calls.len(), 2, "one failed call and its retry: {calls:?}");
+    for call in &calls {
+        assert_eq!(call["event"], "undelivered");
+        assert_eq!(call["id"], "ignored");
+        assert_eq!(call["from"], "alice");
+        assert_eq!(call["recipient"], "bob");
+        assert_eq!(call["to"], "bob");
+    }
+}
