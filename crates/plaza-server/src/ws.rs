@@ -191,9 +191,11 @@ where
         peer_close: Mutex::new(None),
     };
     let mut session = Session::new(Arc::clone(&node), Arc::clone(&conn), forwarded);
-    let reader = read_loop(&node, &conn, &mut session, &link);
-    let writer = write_loop(&node, &conn, queue, &link);
-    tokio::join!(reader, writer);
+    // Not bound to locals first: a moved-from local still takes room in the task's future.
+    tokio::join!(
+        read_loop(&node, &conn, &mut session, &link),
+        write_loop(&node, &conn, queue, &link)
+    );
 
     let name = session.client_name().map(str::to_owned);
     // Boxed, like every await of the session, so that its futures do not weigh on the
@@ -287,62 +289,9 @@ async fn read_loop<S: AsyncRead + AsyncWrite + Unpin>(
                 metrics
                     .bytes_received_total
                     .fetch_add(text.len() as u64, Relaxed);
-                let (reply, recoveries, close_after, attach_live) = match native::decode(&text) {
-                    Ok(request) => {
-                        drop(text);
-                        let handled = Box::pin(session.handle(request.command)).await;
-                        if let Some(later) = handled.pending {
-                            let id = request.id;
-                            pending
-                                .get_or_insert_with(FuturesUnordered::new)
-                                .push(Box::pin(async move { (id, later.await) }));
-                            continue;
-                        }
-                        let reply = native::encode_reply(&request.id, &handled.outcome);
-                        (
-                            reply,
-                            handled.recoveries,
-                            handled.close_after,
-                            handled.attach_live,
-                        )
-                    }
-                    Err(e) => (
-                        native::encode_error(e.id.as_ref(), &node.count(e.error)),
-                        Vec::new(),
-                        None,
-                        Vec::new(),
-                    ),
-                };
-                // The reply goes first: with the first new subscription's recovered
-                // publications if there is one, otherwise alone.
-                let mut reply = Some(Utf8Bytes::from(reply));
-                for r in recoveries {
-                    let missed = r
-                        .publications
-                        .iter()
-                        .map(|p| Utf8Bytes::from(native::encode_publication(p)));
-                    let queued = r
-                        .subscriber
-                        .unpark(reply.take().into_iter().chain(missed), r.last_offset);
-                    metrics
-                        .deliveries_total
-                        .fetch_add(r.publications.len().min(queued) as u64, Relaxed);
-                }
-                if let Some(reply) = reply {
-                    // A refused reply means the connection is closing; the writer ends it.
-                    let _ = conn.push_text(reply);
-                }
-                for sub in attach_live {
-                    if !sub.attach(conn) {
-                        node.live.cancel(sub.id);
-                        let _ = conn.push_text(Utf8Bytes::from(native::encode_live_cancelled(
-                            sub.id,
-                            "too many deltas waited for this view; authorize it again",
-                        )));
-                    }
-                }
-                if let Some(code) = close_after {
-                    conn.close_after_queue(code);
+                // Boxed: what a request needs while it runs takes no room in the future of
+                // an idle connection.
+                if Box::pin(handle_text(node, conn, session, &mut pending, text)).await {
                     return;
                 }
             }
@@ -372,6 +321,77 @@ async fn read_loop<S: AsyncRead + AsyncWrite + Unpin>(
     if !conn.is_draining() {
         conn.close_quietly();
     }
+}
+
+/// Runs one request and queues its reply (and what follows it). Returns whether the connection
+/// must stop reading (it closes once the reply is written).
+async fn handle_text(
+    node: &Node,
+    conn: &Arc<ConnHandle>,
+    session: &mut Session,
+    pending: &mut Option<Pending>,
+    text: String,
+) -> bool {
+    let metrics = &node.hub.metrics;
+    let (reply, recoveries, close_after, attach_live) = match native::decode(&text) {
+        Ok(request) => {
+            drop(text);
+            let handled = session.handle(request.command).await;
+            if let Some(later) = handled.pending {
+                let id = request.id;
+                pending
+                    .get_or_insert_with(FuturesUnordered::new)
+                    .push(Box::pin(async move { (id, later.await) }));
+                return false;
+            }
+            let reply = native::encode_reply(&request.id, &handled.outcome);
+            (
+                reply,
+                handled.recoveries,
+                handled.close_after,
+                handled.attach_live,
+            )
+        }
+        Err(e) => (
+            native::encode_error(e.id.as_ref(), &node.count(e.error)),
+            Vec::new(),
+            None,
+            Vec::new(),
+        ),
+    };
+    // The reply goes first: with the first new subscription's recovered
+    // publications if there is one, otherwise alone.
+    let mut reply = Some(Utf8Bytes::from(reply));
+    for r in recoveries {
+        let missed = r
+            .publications
+            .iter()
+            .map(|p| Utf8Bytes::from(native::encode_publication(p)));
+        let queued = r
+            .subscriber
+            .unpark(reply.take().into_iter().chain(missed), r.last_offset);
+        metrics
+            .deliveries_total
+            .fetch_add(r.publications.len().min(queued) as u64, Relaxed);
+    }
+    if let Some(reply) = reply {
+        // A refused reply means the connection is closing; the writer ends it.
+        let _ = conn.push_text(reply);
+    }
+    for sub in attach_live {
+        if !sub.attach(conn) {
+            node.live.cancel(sub.id);
+            let _ = conn.push_text(Utf8Bytes::from(native::encode_live_cancelled(
+                sub.id,
+                "too many deltas waited for this view; authorize it again",
+            )));
+        }
+    }
+    if let Some(code) = close_after {
+        conn.close_after_queue(code);
+        return true;
+    }
+    false
 }
 
 async fn next_pending(
@@ -527,8 +547,20 @@ async fn write_loop<S: AsyncRead + AsyncWrite + Unpin>(
             out = Vec::new();
         }
     }
-    // Whatever of the last batch was not written yet goes before the close frame, so the
-    // client never sees half a message.
+    // Boxed: the close timer would otherwise take room in every idle connection's future.
+    Box::pin(finish(node, conn, link, out, written)).await;
+}
+
+/// Sends the close frame (after whatever of the last batch was not written yet, so the client
+/// never sees half a message) and shuts the socket down, within [`CLOSE_WRITE_TIMEOUT`].
+async fn finish<S: AsyncRead + AsyncWrite + Unpin>(
+    node: &Node,
+    conn: &ConnHandle,
+    link: &Link<S>,
+    mut out: Vec<u8>,
+    written: usize,
+) {
+    let metrics = &node.hub.metrics;
     out.drain(..written.min(out.len()));
     match conn.close_code() {
         None => {
