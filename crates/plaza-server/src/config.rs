@@ -17,6 +17,7 @@ use crate::auth::AuthConfig;
 use crate::bachata::BachataConfig;
 use crate::chat::ChatConfig;
 use crate::hightemplar::HighTemplarConfig;
+use crate::rsocket::RsocketConfig;
 use crate::live::LiveConfig;
 use crate::node::Settings;
 
@@ -68,6 +69,9 @@ pub struct Config {
     /// Bachata compatibility (`[bachata]`); off when absent.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bachata: Option<BachataConfig>,
+    /// RSocket chat compatibility (`[rsocket]`); off when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rsocket: Option<RsocketConfig>,
 }
 
 impl Default for Config {
@@ -93,6 +97,7 @@ impl Default for Config {
             namespaces: BTreeMap::new(),
             hightemplar: None,
             bachata: None,
+            rsocket: None,
         }
     }
 }
@@ -287,6 +292,10 @@ impl Config {
                     self.native_path
                 ));
             }
+        }
+        // [rsocket]
+        if let Some(r) = &self.rsocket {
+            r.validate().map_err(ConfigError::Invalid)?;
         }
         // [bachata]
         if let Some(b) = &self.bachata {

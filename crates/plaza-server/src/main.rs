@@ -13,6 +13,7 @@ mod keepalive;
 mod live;
 mod metrics;
 mod node;
+mod rsocket;
 mod server;
 mod session;
 mod ws;

@@ -82,6 +82,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         None => None,
     };
 
+    // RSocket chat (`[rsocket]`): its TCP listener over chat.
+    if let Some(r) = &config.rsocket {
+        crate::rsocket::start(r, Arc::clone(&node)).await?;
+    }
+
     let mut public = Router::new().route(&config.native_path, get(ws::upgrade));
     if let Some(b) = &bachata {
         public = public.merge(b.router());
