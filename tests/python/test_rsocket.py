@@ -17,6 +17,7 @@ from rsocket.extensions.mimetypes import WellKnownMimeTypes
 from rsocket.helpers import single_transport_provider
 from rsocket.payload import Payload
 from rsocket.rsocket_client import RSocketClient
+from rsocket.transports.aiohttp_websocket import TransportAioHttpClient
 from rsocket.transports.tcp import TransportTCP
 from reactivestreams.subscriber import DefaultSubscriber
 
@@ -27,8 +28,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def rs():
+    """A server per test, so the tests over TCP and WS use the same names."""
     port = free_port()
     config = f"""
 ping_interval_secs = 0
@@ -36,6 +38,7 @@ ping_interval_secs = 0
 client_join = true
 [rsocket]
 tcp_listen = "127.0.0.1:{port}"
+ws_path = "/chat"
 open_login = true
 """
     server = Plaza(config)
@@ -44,10 +47,18 @@ open_login = true
     server.stop()
 
 
-async def connect(port: int) -> RSocketClient:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    return RSocketClient(single_transport_provider(TransportTCP(reader, writer)),
+async def connect(rs, transport: str) -> RSocketClient:
+    """TCP (24-bit length prefix) or WebSocket `/chat` (one binary message per frame)."""
+    if transport == "tcp":
+        reader, writer = await asyncio.open_connection("127.0.0.1", rs.rsocket_port)
+        t = TransportTCP(reader, writer)
+    else:
+        t = TransportAioHttpClient(url=f"ws://{rs.public}/chat")
+    return RSocketClient(single_transport_provider(t),
                          metadata_encoding=WellKnownMimeTypes.MESSAGE_RSOCKET_COMPOSITE_METADATA)
+
+
+TRANSPORTS = pytest.mark.parametrize("transport", ["tcp", "ws"])
 
 
 def rr(client, data: bytes, name: str):
@@ -83,17 +94,19 @@ def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 30))
 
 
-def test_r2_login_returns_session_id(rs):
+@TRANSPORTS
+def test_r2_login_returns_session_id(rs, transport):
     async def go():
-        async with await connect(rs.rsocket_port) as c:
+        async with await connect(rs, transport) as c:
             reply = await rr(c, b"alice", "login")
             assert len(reply.data.decode()) == 36
     run(go())
 
 
-def test_r3_channels_and_users(rs):
+@TRANSPORTS
+def test_r3_channels_and_users(rs, transport):
     async def go():
-        async with await connect(rs.rsocket_port) as u1, await connect(rs.rsocket_port) as u2:
+        async with await connect(rs, transport) as u1, await connect(rs, transport) as u2:
             await rr(u1, b"r3user1", "login")
             await rr(u2, b"r3user2", "login")
             r = await rr(u1, b"r3chan", "channel.join")
@@ -107,9 +120,10 @@ def test_r3_channels_and_users(rs):
     run(go())
 
 
-def test_r4_private_and_channel_messages(rs):
+@TRANSPORTS
+def test_r4_private_and_channel_messages(rs, transport):
     async def go():
-        async with await connect(rs.rsocket_port) as u1, await connect(rs.rsocket_port) as u2:
+        async with await connect(rs, transport) as u1, await connect(rs, transport) as u2:
             await rr(u1, b"r4user1", "login")
             await rr(u2, b"r4user2", "login")
             in1, in2 = Inbox(), Inbox()
@@ -138,14 +152,15 @@ def test_r4_private_and_channel_messages(rs):
     run(go())
 
 
-def test_r4_offline_messages_arrive_at_the_next_stream(rs):
+@TRANSPORTS
+def test_r4_offline_messages_arrive_at_the_next_stream(rs, transport):
     async def go():
-        async with await connect(rs.rsocket_port) as u1:
+        async with await connect(rs, transport) as u1:
             await rr(u1, b"r4offline1", "login")
-            async with await connect(rs.rsocket_port) as u2:
+            async with await connect(rs, transport) as u2:
                 await rr(u2, b"r4offline2", "login")
             await rr(u1, b'{"user": "r4offline2", "content": "later", "channel": null}', "message")
-            async with await connect(rs.rsocket_port) as u2:
+            async with await connect(rs, transport) as u2:
                 await rr(u2, b"r4offline2", "login")
                 inbox = Inbox()
                 u2.request_stream(Payload(metadata=composite(route("messages.incoming")))).subscribe(inbox)
@@ -154,9 +169,10 @@ def test_r4_offline_messages_arrive_at_the_next_stream(rs):
     run(go())
 
 
-def test_r7_errors_keep_the_connection(rs):
+@TRANSPORTS
+def test_r7_errors_keep_the_connection(rs, transport):
     async def go():
-        async with await connect(rs.rsocket_port) as c:
+        async with await connect(rs, transport) as c:
             with pytest.raises(RuntimeError):
                 await rr(c, b'{"user": "x", "content": "y", "channel": null}', "message")
             with pytest.raises(RuntimeError, match="unknown route"):

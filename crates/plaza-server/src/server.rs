@@ -82,14 +82,18 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         None => None,
     };
 
-    // RSocket chat (`[rsocket]`): its TCP listener over chat.
-    if let Some(r) = &config.rsocket {
-        crate::rsocket::start(r, Arc::clone(&node)).await?;
-    }
+    // RSocket chat (`[rsocket]`): its TCP listener and WebSocket path over chat.
+    let rsocket = match &config.rsocket {
+        Some(r) => Some(crate::rsocket::start(r, Arc::clone(&node)).await?),
+        None => None,
+    };
 
     let mut public = Router::new().route(&config.native_path, get(ws::upgrade));
     if let Some(b) = &bachata {
         public = public.merge(b.router());
+    }
+    if let Some(router) = rsocket.as_ref().and_then(|r| r.router()) {
+        public = public.merge(router);
     }
     if let (Some(ht), Some(cfg)) = (&hightemplar, &config.hightemplar) {
         public = public.merge(ht.router(&cfg.paths));

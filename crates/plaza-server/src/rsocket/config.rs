@@ -9,6 +9,9 @@ use serde::{Deserialize, Serialize};
 pub struct RsocketConfig {
     /// TCP listener (24-bit length-prefixed frames); none when absent.
     pub tcp_listen: Option<SocketAddr>,
+    /// WebSocket path on the public listener (one binary message per frame), e.g. `/chat`;
+    /// none when absent.
+    pub ws_path: Option<String>,
     /// `login` takes any username, as the tutorial does: the client is trusted to say who it
     /// is (demos and closed networks only). Otherwise the login data must be a connection token.
     pub open_login: bool,
@@ -21,6 +24,7 @@ impl Default for RsocketConfig {
     fn default() -> Self {
         Self {
             tcp_listen: None,
+            ws_path: None,
             open_login: false,
             channel_namespace: "rsocket".into(),
         }
@@ -34,6 +38,11 @@ impl RsocketConfig {
             return Err(format!(
                 "rsocket.channel_namespace '{ns}' must be a non-empty name without ':'"
             ));
+        }
+        if let Some(path) = &self.ws_path
+            && !path.starts_with('/')
+        {
+            return Err(format!("rsocket.ws_path '{path}' must start with '/'"));
         }
         Ok(())
     }

@@ -2,33 +2,59 @@
 //! over Plaza's chat. The codec is [`plaza_protocol::rsocket`]; this module owns the listener
 //! and one [`session`] per connection.
 //!
-//! Transport: TCP with the 24-bit length prefix (`tcp_listen`, off unless configured). An
+//! Transports: TCP with the 24-bit length prefix (`tcp_listen`) and WebSocket binary messages,
+//! one frame each (`ws_path` on the public listener); both off unless configured. An
 //! RSocket chat channel is the chat group `<channel_namespace>:<name>`; that namespace must set
 //! `client_join = true` (see README).
 
 pub mod config;
 mod session;
+mod ws;
 
 use std::sync::Arc;
 
+use axum::Router;
+use axum::routing::get;
 use tokio::net::TcpListener;
 
 use crate::node::Node;
 pub use config::RsocketConfig;
 
-/// Starts the `[rsocket]` listeners. Needs a runtime.
-pub async fn start(config: &RsocketConfig, node: Arc<Node>) -> anyhow::Result<()> {
+/// This node's RSocket side, the state of its WebSocket route.
+pub struct Rsocket {
+    node: Arc<Node>,
+    config: Arc<RsocketConfig>,
+}
+
+impl Rsocket {
+    /// The WebSocket route, when `ws_path` is set.
+    pub fn router<S: Clone + Send + Sync + 'static>(self: &Arc<Self>) -> Option<Router<S>> {
+        let path = self.config.ws_path.as_ref()?;
+        Some(
+            Router::new()
+                .route(path, get(ws::upgrade))
+                .with_state(Arc::clone(self)),
+        )
+    }
+}
+
+/// Starts the `[rsocket]` TCP listener (when configured). Needs a runtime.
+pub async fn start(config: &RsocketConfig, node: Arc<Node>) -> anyhow::Result<Arc<Rsocket>> {
     if !node.chat.config.enabled {
         anyhow::bail!("[rsocket] needs chat: set chat.enabled = true");
     }
+    let rs = Arc::new(Rsocket {
+        node: Arc::clone(&node),
+        config: Arc::new(config.clone()),
+    });
     let Some(addr) = config.tcp_listen else {
-        return Ok(());
+        return Ok(rs);
     };
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {addr} for rsocket: {e}"))?;
     tracing::info!(addr = %listener.local_addr()?, "rsocket TCP listener bound");
-    let config = Arc::new(config.clone());
+    let config = Arc::clone(&rs.config);
     tokio::spawn(async move {
         loop {
             match listener.accept().await {
@@ -48,5 +74,5 @@ pub async fn start(config: &RsocketConfig, node: Arc<Node>) -> anyhow::Result<()
             }
         }
     });
-    Ok(())
+    Ok(rs)
 }

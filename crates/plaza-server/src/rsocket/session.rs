@@ -101,14 +101,63 @@ struct Session {
 
 /// Whether the connection goes on after a frame.
 #[derive(Debug, PartialEq, Eq)]
-enum Flow {
+pub(super) enum Flow {
     Continue,
     Close,
 }
 
+/// A connection's inbound side, whatever the transport: frame bytes in, [`Flow`] out.
+pub(super) struct Inbound {
+    session: Arc<Session>,
+    reassembler: Reassembler,
+    set_up: bool,
+}
+
+impl Inbound {
+    /// A session and the frames its writer must send (`None`: flush and close).
+    pub(super) fn new(
+        node: Arc<Node>,
+        config: Arc<RsocketConfig>,
+    ) -> (Self, mpsc::UnboundedReceiver<Option<Frame>>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let session = Arc::new(Session {
+            node,
+            config,
+            out: tx,
+            user: Mutex::new(None),
+            streams: Mutex::new(HashMap::new()),
+            own: Mutex::new(Vec::new()),
+            own_ready: Notify::new(),
+        });
+        let inbound = Self {
+            session,
+            reassembler: Reassembler::new(MAX_PAYLOAD, MAX_BUFFERED),
+            set_up: false,
+        };
+        (inbound, rx)
+    }
+
+    /// One frame's bytes (without any transport prefix).
+    pub(super) fn feed(&mut self, bytes: Bytes) -> Flow {
+        self.session
+            .on_frame(bytes, &mut self.set_up, &mut self.reassembler)
+    }
+
+    pub(super) fn connection_error(&self, message: &str) {
+        self.session
+            .send(Frame::error(0, ErrorCode::CONNECTION_ERROR, message));
+    }
+
+    /// Ends every stream and tells the writer to flush and close.
+    pub(super) fn finish(self) {
+        self.session.cancel_all();
+        let _ = self.session.out.send(None);
+    }
+}
+
 pub(super) async fn run_tcp(stream: TcpStream, node: Arc<Node>, config: Arc<RsocketConfig>) {
     let (mut rd, mut wr) = stream.into_split();
-    let (tx, mut rx) = mpsc::unbounded_channel::<Option<Frame>>();
+    let (mut inbound, mut rx) = Inbound::new(node, config);
     let writer = tokio::spawn(async move {
         let mut buf = BytesMut::new();
         while let Some(Some(frame)) = rx.recv().await {
@@ -123,30 +172,19 @@ pub(super) async fn run_tcp(stream: TcpStream, node: Arc<Node>, config: Arc<Rsoc
         }
         let _ = wr.shutdown().await;
     });
-    let session = Arc::new(Session {
-        node,
-        config,
-        out: tx.clone(),
-        user: Mutex::new(None),
-        streams: Mutex::new(HashMap::new()),
-        own: Mutex::new(Vec::new()),
-        own_ready: Notify::new(),
-    });
     let framing = LengthPrefixed::default();
-    let mut reassembler = Reassembler::new(MAX_PAYLOAD, MAX_BUFFERED);
-    let mut set_up = false;
     let mut buf = BytesMut::with_capacity(8192);
     'read: loop {
         loop {
             match framing.next_frame_bytes(&mut buf) {
                 Ok(Some(bytes)) => {
-                    if session.on_frame(bytes, &mut set_up, &mut reassembler) == Flow::Close {
+                    if inbound.feed(bytes) == Flow::Close {
                         break 'read;
                     }
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    session.send(Frame::error(0, ErrorCode::CONNECTION_ERROR, &e.to_string()));
+                    inbound.connection_error(&e.to_string());
                     break 'read;
                 }
             }
@@ -156,8 +194,7 @@ pub(super) async fn run_tcp(stream: TcpStream, node: Arc<Node>, config: Arc<Rsoc
             Ok(_) => {}
         }
     }
-    session.cancel_all();
-    let _ = tx.send(None);
+    inbound.finish();
     let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
 }
 

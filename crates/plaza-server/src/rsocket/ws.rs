@@ -1,0 +1,46 @@
+//! RSocket over WebSocket (`ws_path`, `/chat` in the tutorial): one binary message per frame,
+//! no length prefix; text messages are ignored.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::response::Response;
+use futures_util::{SinkExt as _, StreamExt as _};
+
+use super::Rsocket;
+use super::session::{Flow, Inbound};
+
+pub async fn upgrade(State(rs): State<Arc<Rsocket>>, ws: WebSocketUpgrade) -> Response {
+    ws.on_upgrade(move |socket| run(socket, rs))
+}
+
+async fn run(socket: WebSocket, rs: Arc<Rsocket>) {
+    let (mut sink, mut stream) = socket.split();
+    let (mut inbound, mut rx) = Inbound::new(Arc::clone(&rs.node), Arc::clone(&rs.config));
+    let writer = tokio::spawn(async move {
+        while let Some(Some(frame)) = rx.recv().await {
+            let bytes = match frame.to_bytes() {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::warn!(error = %e, "rsocket frame not encodable");
+                    continue;
+                }
+            };
+            if sink.send(Message::Binary(bytes)).await.is_err() {
+                return;
+            }
+        }
+        let _ = sink.close().await;
+    });
+    while let Some(Ok(message)) = stream.next().await {
+        match message {
+            Message::Binary(bytes) if inbound.feed(bytes.clone()) == Flow::Close => break,
+            Message::Close(_) => break,
+            _ => {}
+        }
+    }
+    inbound.finish();
+    let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+}
