@@ -290,3 +290,47 @@ def test_r10_request_n_credit_is_honoured(rs):
             break
     assert {"r10a", "r10b", "r10c"} <= set(names)
     s.close()
+
+
+SECRET = "rsocket-test-secret-0123456789-abcdef"
+
+
+def hs256(claims: dict) -> bytes:
+    import base64
+    import hashlib
+    import hmac
+    import time
+
+    def b64(b: bytes) -> bytes:
+        return base64.urlsafe_b64encode(b).rstrip(b"=")
+    claims = {"exp": int(time.time()) + 3600, **claims}
+    head = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode()) + b"." + b64(json.dumps(claims).encode())
+    return head + b"." + b64(hmac.new(SECRET.encode(), head, hashlib.sha256).digest())
+
+
+def test_login_without_open_login_needs_a_connection_token():
+    port = free_port()
+    server = Plaza(f"""
+ping_interval_secs = 0
+[auth]
+hmac_secret = "{SECRET}"
+[namespaces.rsocket]
+client_join = true
+[rsocket]
+tcp_listen = "127.0.0.1:{port}"
+""")
+    server.rsocket_port = port
+
+    async def go():
+        async with await connect(server, "tcp") as c:
+            with pytest.raises(RuntimeError, match="login refused"):
+                await rr(c, b"mallory", "login")
+            with pytest.raises(RuntimeError):
+                await rr(c, b"chan", "channel.join")  # still not logged in
+            assert (await rr(c, hs256({"sub": "tokuser"}), "login")).data
+            await rr(c, b"chan", "channel.join")
+            assert await stream(c, b"chan", "channel.users") == ["tokuser"]
+    try:
+        run(go())
+    finally:
+        server.stop()
