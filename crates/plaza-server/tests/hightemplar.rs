@@ -6,6 +6,8 @@
 //! The tests that need RabbitMQ fail with a clear message when `PLAZA_TEST_AMQP_URL` is unset:
 //! run `scripts/test.sh`, or start a broker and set it.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::net::SocketAddr;
@@ -125,10 +127,9 @@ fn config(app: SocketAddr, extra: &str) -> String {
 
 /// Plaza consuming `exchange` on the test broker, ready (its queue bound) when this returns.
 async fn start_with_amqp(app: SocketAddr, exchange: &str, extra: &str) -> Server {
-    assert!(
-        cfg!(feature = "amqp"),
-        "this test needs RabbitMQ support: cargo test --features amqp (or --all-features)"
-    );
+    if !cfg!(feature = "amqp") {
+        panic!("this test needs RabbitMQ support: cargo test --features amqp (or --all-features)");
+    }
     let server = Server::start(&config(
         app,
         &format!(
