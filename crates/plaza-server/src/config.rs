@@ -17,9 +17,9 @@ use crate::auth::AuthConfig;
 use crate::bachata::BachataConfig;
 use crate::chat::ChatConfig;
 use crate::hightemplar::HighTemplarConfig;
-use crate::rsocket::RsocketConfig;
 use crate::live::LiveConfig;
 use crate::node::Settings;
+use crate::rsocket::RsocketConfig;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -311,6 +311,24 @@ impl Config {
                 return invalid("[bachata] needs chat.enabled = true".into());
             }
         }
+        // Each public WebSocket path is one endpoint's (the router refuses a second at startup).
+        let mut paths: Vec<(&str, &str)> = vec![("native_path", self.native_path.as_str())];
+        for ht in &self.hightemplar {
+            paths.extend(ht.paths.iter().map(|p| ("hightemplar.paths", p.as_str())));
+        }
+        for b in &self.bachata {
+            paths.push(("bachata.path", b.path.as_str()));
+        }
+        for r in &self.rsocket {
+            paths.extend(r.ws_path.iter().map(|p| ("rsocket.ws_path", p.as_str())));
+        }
+        for (i, (name, path)) in paths.iter().enumerate() {
+            if let Some((other, _)) = paths[..i].iter().find(|(_, p)| p == path) {
+                return invalid(format!(
+                    "{name} '{path}' is already used by {other}: give each endpoint its own path"
+                ));
+            }
+        }
         if self.ping_interval_secs > 3600 || self.connect_timeout_secs > 3600 {
             return invalid(
                 "ping_interval_secs and connect_timeout_secs must be at most 3600".into(),
@@ -403,6 +421,12 @@ client_publish = true
         assert!(cfg.validate().is_err());
         let cfg = Config::from_toml("[namespaces.\"a b\"]").unwrap();
         assert!(cfg.validate().is_err());
+        let cfg = Config::from_toml(
+            "[namespaces.rsocket]\nclient_join = true\n[rsocket]\nws_path = \"/plaza/ws\"",
+        )
+        .unwrap();
+        let error = cfg.validate().unwrap_err().to_string();
+        assert!(error.contains("already used by native_path"), "{error}");
     }
 
     #[test]
