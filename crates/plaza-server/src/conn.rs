@@ -62,15 +62,26 @@ pub struct Queue {
 impl Queue {
     /// Moves everything queued into `into` (which must be empty) and returns `Ready` once there
     /// was something, freeing the queue's byte count; registers the task's waker otherwise.
-    /// When the queue is found empty its buffer is released, so an idle connection holds none.
-    pub fn poll_take(&mut self, cx: &mut Context<'_>, into: &mut VecDeque<Outgoing>) -> Poll<()> {
+    /// When the queue is found empty, its buffer is freed if `release` (the caller frees
+    /// `into`), so an idle connection holds none; otherwise the larger of the two buffers is
+    /// left to the queue, so a busy connection's pushes do not allocate.
+    pub fn poll_take(
+        &mut self,
+        cx: &mut Context<'_>,
+        into: &mut VecDeque<Outgoing>,
+        release: bool,
+    ) -> Poll<()> {
         debug_assert!(into.is_empty());
         let mut queue = self.shared.lock();
         if queue.items.is_empty() {
             // Registered under the lock: a push after this point sees the new waker.
             self.shared.writer.register(cx.waker());
-            if queue.items.capacity() > 0 {
-                queue.items = VecDeque::new();
+            if release {
+                if queue.items.capacity() > 0 {
+                    queue.items = VecDeque::new();
+                }
+            } else if queue.items.capacity() < into.capacity() {
+                std::mem::swap(&mut queue.items, into);
             }
             return Poll::Pending;
         }
@@ -185,6 +196,15 @@ impl ConnHandle {
     fn push_control(&self, item: Outgoing) {
         self.lock().items.push_back(item);
         self.wake_writer();
+    }
+
+    /// Frees the queue's buffer if nothing is queued (the keep-alive timer calls it now and
+    /// then, for connections that went quiet right after a burst).
+    pub fn release_idle_buffer(&self) {
+        let mut queue = self.lock();
+        if queue.items.is_empty() && queue.items.capacity() > 0 {
+            queue.items = VecDeque::new();
+        }
     }
 
     /// For writers that take frames one at a time with [`Queue::recv`]: frees `len` bytes of
@@ -303,7 +323,7 @@ mod tests {
     fn take(q: &mut Queue) -> Vec<Outgoing> {
         let mut into = VecDeque::new();
         let mut cx = Context::from_waker(noop_waker_ref());
-        match q.poll_take(&mut cx, &mut into) {
+        match q.poll_take(&mut cx, &mut into, true) {
             Poll::Ready(()) => into.into_iter().collect(),
             Poll::Pending => Vec::new(),
         }
@@ -331,6 +351,14 @@ mod tests {
         // Found empty: the queue's buffer is released.
         assert!(take(&mut q).is_empty());
         assert_eq!(h.lock().items.capacity(), 0);
+        // Unless the writer keeps buffers: then the queue gets the larger one.
+        let mut cx = Context::from_waker(noop_waker_ref());
+        let mut spare = VecDeque::with_capacity(16);
+        assert!(q.poll_take(&mut cx, &mut spare, false).is_pending());
+        assert!(h.lock().items.capacity() >= 16);
+        assert_eq!(spare.capacity(), 0);
+        h.release_idle_buffer();
+        assert_eq!(h.lock().items.capacity(), 0);
     }
 
     #[test]
@@ -348,13 +376,13 @@ mod tests {
         let (h, mut q) = ConnHandle::new(1, 100, Instant::now());
         let mut into = VecDeque::new();
         let mut cx = Context::from_waker(&waker);
-        assert!(q.poll_take(&mut cx, &mut into).is_pending());
+        assert!(q.poll_take(&mut cx, &mut into, true).is_pending());
         h.push_text(text(1)).unwrap();
         h.push_text(text(1)).unwrap(); // already woken: no second wake-up
         assert_eq!(count.0.load(Ordering::SeqCst), 1);
-        assert!(q.poll_take(&mut cx, &mut into).is_ready());
+        assert!(q.poll_take(&mut cx, &mut into, true).is_ready());
         into.clear();
-        assert!(q.poll_take(&mut cx, &mut into).is_pending());
+        assert!(q.poll_take(&mut cx, &mut into, true).is_pending());
         h.close(CloseCode::Shutdown);
         assert_eq!(count.0.load(Ordering::SeqCst), 2);
     }

@@ -3,7 +3,8 @@
 //! A task per connection with its own interval would cost a timer entry and a wake-up per
 //! connection per period. Instead one task ticks every second and visits one slice of the
 //! connections per tick (connection id modulo the ping interval), so pings are spread evenly
-//! over the interval and each connection is pinged once per interval.
+//! over the interval and each connection is pinged once per interval. The same visits free the
+//! queue buffer a connection kept after a burst of frames, once it has gone quiet.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,6 +14,8 @@ use plaza_core::CloseCode;
 use crate::node::Node;
 
 const TICK: Duration = Duration::from_secs(1);
+/// Ticks between two visits of a connection to free its idle queue buffer.
+const RELEASE_EVERY: u64 = 10;
 
 pub async fn run(node: Arc<Node>) {
     let ping_every = node.settings.ping_interval.as_secs();
@@ -34,6 +37,11 @@ pub async fn run(node: Arc<Node>) {
             {
                 conn.close(CloseCode::ConnectTimeout);
                 return;
+            }
+            // Each connection once per RELEASE_EVERY ticks: a queue buffer kept after a burst
+            // is freed once the connection has gone quiet.
+            if conn.id % RELEASE_EVERY == tick % RELEASE_EVERY {
+                conn.release_idle_buffer();
             }
             if ping_every > 0 && conn.id % ping_every == tick % ping_every && !conn.keepalive_tick()
             {

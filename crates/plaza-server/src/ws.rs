@@ -46,7 +46,9 @@ const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Most publishes one connection may have waiting for durability before it stops reading.
 const MAX_PENDING_REPLIES: usize = 1024;
 /// A write buffer above this size is not kept for the next drain.
-const KEEP_WRITE_BUFFER: usize = 256 * 1024;
+const KEEP_WRITE_BUFFER: usize = 64 * 1024;
+/// A drain of at most this many frames leaves the connection idle: its buffers are freed.
+const IDLE_DRAIN: usize = 2;
 
 /// The upgrade request: checked as RFC 6455 asks, answered with 101, and the connection's task
 /// spawned once hyper hands the socket over.
@@ -412,6 +414,15 @@ fn encode_batch(
     max_batch: usize,
 ) -> (Option<CloseCode>, u64, u64) {
     let (mut frames, mut bytes) = (0u64, 0u64);
+    // One allocation for the whole drain: every frame, a separator or a header each.
+    let needed: usize = items
+        .iter()
+        .map(|i| match i {
+            Outgoing::Text(t) => t.len() + 1,
+            _ => 2,
+        })
+        .sum();
+    out.reserve(needed + 10 * (1 + needed / max_batch.max(1)));
     while let Some(item) = items.pop_front() {
         let first = match item {
             Outgoing::Text(text) => {
@@ -501,6 +512,10 @@ async fn write_loop<S: AsyncRead + AsyncWrite + Unpin>(
     let mut items = VecDeque::new();
     let mut out = Vec::new();
     let mut written = 0;
+    // Frames of the last drain: after a small one the connection is taken as idle and its
+    // buffers are freed; after a large one they are kept for the next drain, which is likely
+    // to come soon (the keep-alive timer frees the queue's later if it does not).
+    let mut last_drain = 0;
     loop {
         let ready = poll_fn(|cx: &mut Context<'_>| {
             if conn.is_closing() {
@@ -509,15 +524,16 @@ async fn write_loop<S: AsyncRead + AsyncWrite + Unpin>(
             if link.has_pong() {
                 return Poll::Ready(true);
             }
-            let taken = queue.poll_take(cx, &mut items);
-            if taken.is_pending() {
-                // Idle: hold no buffers.
+            let release = last_drain <= IDLE_DRAIN;
+            let taken = queue.poll_take(cx, &mut items, release);
+            if taken.is_pending() && release {
                 items = VecDeque::new();
                 out = Vec::new();
             }
             taken.map(|()| true)
         })
         .await;
+        last_drain = items.len();
         if !ready {
             break;
         }
