@@ -313,14 +313,14 @@ impl Config {
         }
         // Each public WebSocket path is one endpoint's (the router refuses a second at startup).
         let mut paths: Vec<(&str, &str)> = vec![("native_path", self.native_path.as_str())];
-        for ht in &self.hightemplar {
+        if let Some(ht) = &self.hightemplar {
             paths.extend(ht.paths.iter().map(|p| ("hightemplar.paths", p.as_str())));
         }
-        for b in &self.bachata {
+        if let Some(b) = &self.bachata {
             paths.push(("bachata.path", b.path.as_str()));
         }
-        for r in &self.rsocket {
-            paths.extend(r.ws_path.iter().map(|p| ("rsocket.ws_path", p.as_str())));
+        if let Some(p) = self.rsocket.as_ref().and_then(|r| r.ws_path.as_deref()) {
+            paths.push(("rsocket.ws_path", p));
         }
         for (i, (name, path)) in paths.iter().enumerate() {
             if let Some((other, _)) = paths[..i].iter().find(|(_, p)| p == path) {
