@@ -43,9 +43,12 @@ pub struct Config {
     pub shutdown_timeout_secs: u64,
     /// Seconds a publish's `idempotency_key` is remembered.
     pub idempotency_window_secs: u64,
-    /// Per-connection read buffer of the WebSocket codec, in bytes.
+    /// Most bytes read per read call. The native endpoint reads through one scratch buffer per
+    /// thread (capped at 64 KiB), so nothing is held per idle connection; the legacy endpoints
+    /// (axum/tungstenite) use it as their per-connection read buffer.
     pub ws_read_buffer_size: usize,
-    /// Per-connection write buffer of the WebSocket codec, in bytes.
+    /// Largest text message the native writer joins queued frames into (one JSON object per
+    /// line); the legacy endpoints use it as their write buffer.
     pub ws_write_buffer_size: usize,
     /// Kernel send buffer (SO_SNDBUF) of each public connection, in bytes. Unset: the kernel's
     /// autotuning. Setting it bounds kernel memory per connection and makes a stalled client hit
