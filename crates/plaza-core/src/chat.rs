@@ -19,7 +19,7 @@ use std::collections::BTreeSet;
 use serde::{Deserialize, Serialize};
 
 use crate::channel::ChannelName;
-use crate::payload::Payload;
+use crate::payload::{Payload, json_string};
 
 /// Longest user id and message id, in bytes.
 pub const MAX_USER_LEN: usize = 255;
@@ -306,10 +306,6 @@ impl ReceiptStatus {
             ReceiptStatus::Read => "read",
         }
     }
-}
-
-fn json_string(s: &str) -> String {
-    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".to_owned())
 }
 
 /// The stored form of a message: `{"push":"message","id":..,"from":..,"to"|"group":..,

@@ -30,7 +30,7 @@ pub use live::{
     LiveQuery, OutDelta, SubId,
 };
 pub use namespace::{AccessPolicy, NamespaceError, NamespaceOptions, Namespaces};
-pub use payload::{Payload, PayloadError};
+pub use payload::{Payload, PayloadError, json_string};
 pub use presence::{ChannelPresence, ClientInfo, PresenceEvent};
 pub use publication::Publication;
 pub use room::Room;

@@ -8,6 +8,11 @@
 
 use bytes::Bytes;
 
+/// `s` as a JSON string literal (quoted and escaped), for frames assembled from parts.
+pub fn json_string(s: &str) -> String {
+    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".to_owned())
+}
+
 /// JSON text known to be one valid JSON value.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Payload(Bytes);

@@ -11,6 +11,7 @@ use plaza_core::chat::{self, Peer};
 use plaza_core::command::{ConnectInfo, Outcome, Position, SubscribeInfo};
 use plaza_core::{
     ChatCommand, ClientInfo, Command, ErrorCode, Payload, PresenceEvent, Publication, ReplyError,
+    json_string,
 };
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -311,10 +312,6 @@ fn truncate(s: &str, max: usize) -> &str {
         Some((i, _)) => &s[..i],
         None => s,
     }
-}
-
-fn json_string(s: &str) -> String {
-    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".to_owned())
 }
 
 /// Encodes the reply to a request.

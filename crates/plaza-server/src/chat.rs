@@ -16,7 +16,7 @@ use plaza_core::chat::{
     self, AckState, Conversation, GroupRecord, InboxEntry, Peer, ReceiptStatus, Received,
     SentRecord, keys,
 };
-use plaza_core::{ChannelName, ErrorCode, InboxInfo, Payload, Position, ReplyError};
+use plaza_core::{ChannelName, ErrorCode, InboxInfo, Payload, Position, ReplyError, json_string};
 use plaza_store::{
     KvEntries, Store, StoreError, StreamAppend, StreamOptions, WriteBatch, WriteOutcome,
 };
@@ -732,7 +732,7 @@ impl Chat {
         Ok(())
     }
 
-    async fn ack_lock(&self, user: &str) -> Arc<tokio::sync::Mutex<()>> {
+    fn ack_lock(&self, user: &str) -> Arc<tokio::sync::Mutex<()>> {
         Arc::clone(
             self.ack_locks
                 .entry(user.into())
@@ -793,7 +793,7 @@ impl Chat {
     /// `delivered` receipt to its sender. Unknown or repeated seqs are no-ops. Returns how many
     /// entries were newly acknowledged.
     pub async fn ack_seqs(&self, user: &str, seqs: &[u64]) -> Result<usize, ReplyError> {
-        let lock = self.ack_lock(user).await;
+        let lock = self.ack_lock(user);
         let _guard = lock.lock().await;
         let inbox = chat::inbox(user);
         let Some(top) = self.store.top(&inbox).await.map_err(internal)? else {
@@ -918,7 +918,7 @@ impl Chat {
         conversation: &str,
         offset: u64,
     ) -> Result<bool, ReplyError> {
-        let lock = self.ack_lock(user).await;
+        let lock = self.ack_lock(user);
         let _guard = lock.lock().await;
         let key = keys::read_marker(conversation, user);
         let current = self.marker(&key).await?;
@@ -1084,7 +1084,7 @@ impl Chat {
     /// `window` entries and `max_bytes` of them. Reports entries the inbox's bounds dropped
     /// since they were pushed (once: the acknowledgement state skips past them).
     pub async fn backlog(&self, user: &str, max_bytes: usize) -> Result<Backlog, ReplyError> {
-        let lock = self.ack_lock(user).await;
+        let lock = self.ack_lock(user);
         let _guard = lock.lock().await;
         let inbox = chat::inbox(user);
         let mut state = self.ack_state(user).await?;
@@ -1235,8 +1235,4 @@ fn member_event(group: &str, user: &str, event: &str) -> String {
         json_string(group),
         json_string(user)
     )
-}
-
-pub fn json_string(s: &str) -> String {
-    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".to_owned())
 }

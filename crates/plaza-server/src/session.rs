@@ -9,14 +9,14 @@ use plaza_core::chat::{self as chat_rules, Peer};
 use plaza_core::{
     AccessPolicy, ChannelName, ChatCommand, ClientInfo, CloseCode, Command, ConnectInfo, ErrorCode,
     InboxInfo, NamespaceOptions, Outcome, Payload, Position, Publication, ReplyError,
-    SubscribeInfo,
+    SubscribeInfo, json_string,
 };
 
 use crate::auth::app::{
     AppConnectDecision, AppConnectRequest, AppSubscribeDecision, AppSubscribeRequest, Forwarded,
 };
 use crate::auth::jwt::unix_now;
-use crate::chat::{Backlog, json_string};
+use crate::chat::Backlog;
 use crate::conn::ConnHandle;
 use crate::hub::Subscriber;
 use crate::live::{ClientSubscribeError, LiveSub};

@@ -256,6 +256,12 @@ async fn send_paced(
 }
 
 pub async fn run(args: DmArgs) -> Result<DmReport> {
+    if args.pairs == 0 || args.window == 0 || args.messages == 0 {
+        bail!("--pairs, --window and --messages must be at least 1");
+    }
+    if !(args.rate.is_finite() && args.rate > 0.0 && args.secs.is_finite() && args.secs > 0.0) {
+        bail!("--rate and --secs must be positive numbers");
+    }
     let target = WsTarget::parse(&args.url)?;
     let deadline = Instant::now() + Duration::from_secs(args.timeout_secs);
     let pad = "x".repeat(args.payload_bytes.saturating_sub(40));
