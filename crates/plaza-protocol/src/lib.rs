@@ -6,3 +6,4 @@ pub mod bachata;
 pub mod hightemplar;
 pub mod native;
 pub mod rsocket;
+pub mod snorky;
