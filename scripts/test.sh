@@ -97,6 +97,35 @@ stop_rabbitmq() {
   RABBITMQ_PID="" EPMD_PID="" RABBITMQ_DIR=""
 }
 
+# Redis (scale-out tests): each multi-node test starts its own private redis-server on a free
+# loopback port in a temp dir (it restarts it mid-test), from PLAZA_TEST_REDIS_SERVER. Here:
+# install it, and prove it starts and answers before any test relies on it.
+check_redis() {
+  local server
+  server=$(command -v redis-server || true)
+  [ -n "$server" ] || { apt_install redis-server; server=$(command -v redis-server || true); }
+  [ -n "$server" ] || fail "redis-server is not installed"
+  local dir port pid
+  dir=$(mktemp -d "${TMPDIR:-/tmp}/plaza-redis.XXXXXX")
+  port=$(free_port)
+  "$server" --bind 127.0.0.1 --port "$port" --save '' --appendonly no --dir "$dir" \
+    >"$dir/redis.log" 2>&1 &
+  pid=$!
+  local deadline=$((SECONDS + 20))
+  until python3 -c "import socket,sys; s=socket.create_connection(('127.0.0.1', $port), 1); s.sendall(b'PING\r\n'); sys.exit(0 if s.recv(16).startswith(b'+PONG') else 1)" 2>/dev/null; do
+    if ! kill -0 "$pid" 2>/dev/null || [ "$SECONDS" -ge "$deadline" ]; then
+      kill -KILL "$pid" 2>/dev/null || true
+      tail -n 20 "$dir/redis.log" >&2 || true
+      fail "redis-server did not start (log above)"
+    fi
+    sleep 0.2
+  done
+  kill -TERM "$pid" 2>/dev/null; wait "$pid" 2>/dev/null || true
+  rm -rf "$dir"
+  export PLAZA_TEST_REDIS_SERVER="$server"
+  step "redis-server answers ($server); the scale-out tests start their own"
+}
+
 command -v cargo >/dev/null 2>&1 || fail "cargo is not installed (see https://rustup.rs)"
 
 step "cargo fmt --check"
@@ -111,6 +140,7 @@ export PLAZA_BIN="$ROOT/target/debug/plaza"
 [ -x "$PLAZA_BIN" ] || fail "target/debug/plaza was not built"
 
 start_rabbitmq
+check_redis
 
 step "Rust tests"
 if cargo nextest --version >/dev/null 2>&1; then

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use plaza_core::Publication;
+use plaza_core::{ConnId, Publication};
 
 use crate::{BoxFuture, Broker, BrokerError, PublicationSink};
 
@@ -36,6 +36,16 @@ impl Broker for LocalBroker {
     fn unsubscribe(&self, _channel: Arc<str>) -> BoxFuture<'_, Result<(), BrokerError>> {
         Box::pin(std::future::ready(Ok(())))
     }
+
+    fn publish_event(
+        &self,
+        channel: Arc<str>,
+        except: ConnId,
+        frame: String,
+    ) -> BoxFuture<'_, Result<(), BrokerError>> {
+        self.sink.event(&channel, except, &frame);
+        Box::pin(std::future::ready(Ok(())))
+    }
 }
 
 #[cfg(test)]
@@ -54,6 +64,11 @@ mod tests {
                 .unwrap()
                 .push(format!("{}={}", p.channel, p.data.as_str()));
         }
+        fn event(&self, _: &str, _: ConnId, _: &str) {}
+        fn interested(&self, _: &str) -> bool {
+            true
+        }
+        fn gap(&self, _: &str, _: Option<&plaza_core::Position>, _: bool) {}
     }
 
     #[test]

@@ -75,6 +75,20 @@ impl ChannelName {
         }
     }
 
+    /// A name that Plaza itself stored earlier (a name [`ChannelName::parse`] accepted, or an
+    /// internal one), read back from a store or a broker: not validated again.
+    pub fn from_stored(name: &str) -> Self {
+        let ns_len = if is_internal_name(name) {
+            0
+        } else {
+            name.find(':').unwrap_or(0)
+        };
+        Self {
+            full: Arc::from(name),
+            ns_len,
+        }
+    }
+
     /// Whether this name came from [`ChannelName::internal`].
     pub fn is_internal(&self) -> bool {
         is_internal_name(&self.full)

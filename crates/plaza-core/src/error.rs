@@ -155,10 +155,14 @@ pub enum CloseCode {
     Unauthorized,
     /// The app's backend disconnected this user.
     Disconnected,
+    /// Publications of a channel it follows may have been missed (the broker's connection was
+    /// lost, or a stream was recreated): reconnect and resubscribe with `since` to recover them
+    /// or to learn `recovered: false`.
+    Resync,
 }
 
 impl CloseCode {
-    pub const ALL: [CloseCode; 10] = [
+    pub const ALL: [CloseCode; 11] = [
         CloseCode::Shutdown,
         CloseCode::SlowConsumer,
         CloseCode::NoPong,
@@ -169,6 +173,7 @@ impl CloseCode {
         CloseCode::ProtocolViolation,
         CloseCode::Unauthorized,
         CloseCode::Disconnected,
+        CloseCode::Resync,
     ];
 
     pub fn code(self) -> u16 {
@@ -179,6 +184,7 @@ impl CloseCode {
             CloseCode::ConnectTimeout => 3003,
             CloseCode::InternalError => 3004,
             CloseCode::AppUnavailable => 3005,
+            CloseCode::Resync => 3006,
             CloseCode::MessageTooLarge => 3500,
             CloseCode::ProtocolViolation => 3501,
             CloseCode::Unauthorized => 3502,
@@ -195,6 +201,7 @@ impl CloseCode {
             CloseCode::ConnectTimeout => "connect timeout",
             CloseCode::InternalError => "internal error",
             CloseCode::AppUnavailable => "app unavailable",
+            CloseCode::Resync => "resync",
             CloseCode::MessageTooLarge => "message too large",
             CloseCode::ProtocolViolation => "protocol violation",
             CloseCode::Unauthorized => "unauthorized",

@@ -31,6 +31,6 @@ pub use live::{
 };
 pub use namespace::{AccessPolicy, NamespaceError, NamespaceOptions, Namespaces};
 pub use payload::{Payload, PayloadError, json_string};
-pub use presence::{ChannelPresence, ClientInfo, PresenceEvent};
+pub use presence::{ChannelPresence, ClientInfo, PresenceEvent, stats_of as presence_stats_of};
 pub use publication::Publication;
 pub use room::Room;

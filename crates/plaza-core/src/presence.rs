@@ -90,6 +90,20 @@ impl ChannelPresence {
     }
 }
 
+/// `(connections, distinct users)` of a list of present connections (each anonymous connection
+/// counts as one user), as [`ChannelPresence::stats`] counts them.
+pub fn stats_of(clients: &[ClientInfo]) -> (usize, usize) {
+    let mut users: Vec<&str> = clients
+        .iter()
+        .filter(|c| !c.user.is_empty())
+        .map(|c| c.user.as_str())
+        .collect();
+    let anonymous = clients.len() - users.len();
+    users.sort_unstable();
+    users.dedup();
+    (clients.len(), users.len() + anonymous)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -518,6 +518,8 @@ async fn presence(
     let clients: Vec<serde_json::Value> = state
         .node
         .presence(options, channel.as_str())
+        .await
+        .map_err(node_error)?
         .unwrap_or_default()
         .into_iter()
         .map(|c| {
@@ -541,6 +543,8 @@ async fn presence_stats(
     let (clients, users) = state
         .node
         .presence_stats(options, channel.as_str())
+        .await
+        .map_err(node_error)?
         .unwrap_or((0, 0));
     Ok(axum::Json(serde_json::json!({
         "channel": channel.as_str(), "num_clients": clients, "num_users": users
@@ -568,12 +572,20 @@ async fn channels(State(state): State<ApiState>, Query(q): Query<ChannelsQuery>)
     axum::Json(serde_json::json!({ "channels": list })).into_response()
 }
 
-async fn info(State(state): State<ApiState>) -> Response {
+async fn info(State(state): State<ApiState>) -> Result<Response, ApiError> {
     let node = &state.node;
     let metrics = &node.hub.metrics;
-    axum::Json(serde_json::json!({
+    // The nodes the broker knows to be alive; alone, just this one.
+    let nodes = node
+        .broker
+        .nodes()
+        .await
+        .map_err(|e| internal_error(e.to_string()))?
+        .unwrap_or_else(|| vec![node.id.clone()]);
+    Ok(axum::Json(serde_json::json!({
         "version": env!("CARGO_PKG_VERSION"),
         "node": node.id,
+        "nodes": nodes,
         "broker": node.broker.name(),
         "uptime_seconds": node.started.elapsed().as_secs(),
         "connections": node.hub.connection_count(),
@@ -581,7 +593,7 @@ async fn info(State(state): State<ApiState>) -> Response {
         "channels": node.hub.channel_count(),
         "live_views": node.live.len(),
     }))
-    .into_response()
+    .into_response())
 }
 
 async fn metrics(State(state): State<ApiState>) -> Response {
@@ -589,7 +601,7 @@ async fn metrics(State(state): State<ApiState>) -> Response {
     let text = node
         .hub
         .metrics
-        .render(node.hub.channel_count(), node.store.stats());
+        .render(&node.id, node.hub.channel_count(), node.store.stats());
     (
         [(
             header::CONTENT_TYPE,

@@ -12,6 +12,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use dashmap::DashMap;
+use plaza_broker::Broker;
 use plaza_core::chat::{
     self, AckState, Conversation, GroupRecord, InboxEntry, Peer, ReceiptStatus, Received,
     SentRecord, keys,
@@ -191,6 +192,8 @@ pub struct Chat {
     pub config: ChatConfig,
     store: Arc<dyn Store>,
     hub: Arc<Hub>,
+    /// Carries ephemeral pushes (typing, member events) to the user's connections on every node.
+    broker: Arc<dyn Broker>,
     /// One lock per user with acknowledgement work in progress, so two connections of one user
     /// acknowledging at once do not overwrite each other's state.
     ack_locks: DashMap<Box<str>, Arc<tokio::sync::Mutex<()>>>,
@@ -244,10 +247,16 @@ fn user_checked(user: &str) -> Result<(), ReplyError> {
 }
 
 impl Chat {
-    pub fn new(config: ChatConfig, store: Arc<dyn Store>, hub: Arc<Hub>) -> Self {
+    pub fn new(
+        config: ChatConfig,
+        store: Arc<dyn Store>,
+        hub: Arc<Hub>,
+        broker: Arc<dyn Broker>,
+    ) -> Self {
         Self {
             config,
             store,
+            broker,
             hub,
             ack_locks: DashMap::new(),
             known: DashMap::new(),
@@ -310,10 +319,46 @@ impl Chat {
         self.hub.subscriber_count(chat::inbox(user).as_str()) > 0
     }
 
-    /// Pushes an ephemeral frame to every connection of `user` on this node.
-    fn push_to_user(&self, user: &str, frame: &str) {
-        self.hub
-            .push_event(chat::inbox(user).as_str(), 0, frame.to_owned());
+    /// Whether any connection of `user` has its inbox attached on any node.
+    pub async fn is_online_anywhere(&self, user: &str) -> bool {
+        if self.is_online(user) {
+            return true;
+        }
+        let inbox = chat::inbox(user);
+        match self.broker.presence_list(Arc::clone(inbox.as_arc())).await {
+            Ok(shared) => shared.is_some_and(|clients| !clients.is_empty()),
+            Err(e) => {
+                tracing::warn!(user, error = %e, "online state unknown: the broker failed");
+                false
+            }
+        }
+    }
+
+    /// Records (or, with `attached == false`, removes) a connection's inbox in the broker's
+    /// shared presence, so other nodes see the user online.
+    pub async fn share_inbox_presence(&self, user: &str, conn: plaza_core::ConnId, attached: bool) {
+        let inbox = Arc::clone(chat::inbox(user).as_arc());
+        let shared = if attached {
+            let client = plaza_core::ClientInfo {
+                user: user.to_owned(),
+                client: conn,
+                info: None,
+            };
+            self.broker.presence_add(inbox, client).await
+        } else {
+            self.broker.presence_remove(inbox, conn).await
+        };
+        if let Err(e) = shared {
+            tracing::warn!(user, error = %e, "inbox presence not shared with the broker");
+        }
+    }
+
+    /// Pushes an ephemeral frame to every connection of `user`, on every node.
+    async fn push_to_user(&self, user: &str, frame: &str) {
+        let inbox = Arc::clone(chat::inbox(user).as_arc());
+        if let Err(e) = self.broker.publish_event(inbox, 0, frame.to_owned()).await {
+            tracing::warn!(user, error = %e, "push to user not sent");
+        }
     }
 
     // ----- groups -----
@@ -448,7 +493,8 @@ impl Chat {
         self.store.write(batch).await.map_err(internal)?;
         self.announce_member(group, user, "left").await?;
         // The one who left is told too: its other connections learn it is out.
-        self.push_to_user(user, &member_event(group, user, "left"));
+        self.push_to_user(user, &member_event(group, user, "left"))
+            .await;
         Ok(())
     }
 
@@ -469,7 +515,7 @@ impl Chat {
             json_string(group)
         );
         for user in &members {
-            self.push_to_user(user, &frame);
+            self.push_to_user(user, &frame).await;
         }
         Ok(())
     }
@@ -483,7 +529,7 @@ impl Chat {
         let frame = member_event(group, user, event);
         for member in self.member_ids(group).await? {
             if member != user {
-                self.push_to_user(&member, &frame);
+                self.push_to_user(&member, &frame).await;
             }
         }
         Ok(())
@@ -524,15 +570,12 @@ impl Chat {
     /// `(user, online)` for each member.
     pub async fn members(&self, group: &str) -> Result<Vec<(String, bool)>, ReplyError> {
         self.existing_group(group).await?;
-        Ok(self
-            .member_ids(group)
-            .await?
-            .into_iter()
-            .map(|u| {
-                let online = self.is_online(&u);
-                (u, online)
-            })
-            .collect())
+        let mut members = Vec::new();
+        for user in self.member_ids(group).await? {
+            let online = self.is_online_anywhere(&user).await;
+            members.push((user, online));
+        }
+        Ok(members)
     }
 
     // ----- messages -----
@@ -727,7 +770,7 @@ impl Chat {
             json_string(name)
         );
         for user in recipients {
-            self.push_to_user(&user, &frame);
+            self.push_to_user(&user, &frame).await;
         }
         Ok(())
     }

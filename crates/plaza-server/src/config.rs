@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::auth::AuthConfig;
 use crate::bachata::BachataConfig;
 use crate::chat::ChatConfig;
+use crate::engine::{BrokerKind, RedisConfig};
 use crate::hightemplar::HighTemplarConfig;
 use crate::live::LiveConfig;
 use crate::node::Settings;
@@ -28,8 +29,12 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Backend listener: the HTTP API for the app, `/metrics`, `/healthz`.
     pub backend_listen: SocketAddr,
-    /// Where Plaza keeps its files (the generated backend key, later the store).
+    /// Where Plaza keeps its files (the generated backend key, the embedded store).
     pub data_dir: PathBuf,
+    /// `local` (one node, the embedded store) or `redis` (many nodes sharing one Redis).
+    pub broker: BrokerKind,
+    /// Redis, for `broker = "redis"`.
+    pub redis: RedisConfig,
     /// The backend API key. Generated into `data_dir/backend.key` when unset.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub backend_key: Option<String>,
@@ -83,6 +88,8 @@ impl Default for Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 7700)),
             backend_listen: SocketAddr::from(([127, 0, 0, 1], 7701)),
             data_dir: PathBuf::from("plaza-data"),
+            broker: BrokerKind::Local,
+            redis: RedisConfig::default(),
             backend_key: None,
             native_path: "/plaza/ws".into(),
             ping_interval_secs: 25,
@@ -120,6 +127,17 @@ pub struct Overrides {
     /// Data directory.
     #[arg(long, env = "PLAZA_DATA_DIR", value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Broker: local (one node) or redis (many nodes).
+    #[arg(long, env = "PLAZA_BROKER", value_name = "KIND")]
+    pub broker: Option<BrokerKind>,
+    /// Redis URL, for the redis broker.
+    #[arg(
+        long,
+        env = "PLAZA_REDIS_URL",
+        value_name = "URL",
+        hide_env_values = true
+    )]
+    pub redis_url: Option<String>,
     /// Backend API key.
     #[arg(
         long,
@@ -198,6 +216,12 @@ impl Config {
         if let Some(v) = &o.backend_key {
             self.backend_key = Some(v.clone());
         }
+        if let Some(v) = o.broker {
+            self.broker = v;
+        }
+        if let Some(v) = &o.redis_url {
+            self.redis.url = v.clone();
+        }
         if let Some(v) = &o.native_path {
             self.native_path = v.clone();
         }
@@ -218,6 +242,7 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |m: String| Err(ConfigError::Invalid(m));
         self.limits.validate().map_err(ConfigError::Invalid)?;
+        crate::engine::validate(self.broker, &self.redis).map_err(ConfigError::Invalid)?;
         self.namespaces()
             .validate()
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
@@ -367,6 +392,7 @@ impl Config {
         }
         shown.auth = shown.auth.redacted();
         shown.hightemplar = shown.hightemplar.map(|h| h.redacted());
+        shown.redis.url = crate::engine::redacted(&shown.redis.url);
         toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
     }
 }

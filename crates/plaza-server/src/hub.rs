@@ -118,6 +118,18 @@ impl Subscriber {
         queued
     }
 
+    /// Notes an entry this subscriber has no frame for.
+    fn skip(&self, offset: Option<u64>) {
+        let Some(offset) = offset else { return };
+        if self.parking.load(Acquire) {
+            // Parked entries are compared with the backlog's top when released; nothing to keep.
+            return;
+        }
+        if offset > self.last_offset.load(Acquire) {
+            self.advance(offset);
+        }
+    }
+
     /// Offers one publication. Returns whether it was queued now.
     fn offer(&self, offset: Option<u64>, frame: &Utf8Bytes) -> bool {
         if self.parking.load(Acquire) {
@@ -127,15 +139,37 @@ impl Subscriber {
                 return false;
             }
         }
-        if let Some(offset) = offset {
-            // Deliveries of one channel come from one place in offset order, so a plain
-            // compare-then-store is enough.
-            if offset <= self.last_offset.load(Acquire) {
-                return false;
-            }
-            self.last_offset.store(offset, Release);
+        if let Some(offset) = offset
+            && !self.advance(offset)
+        {
+            return false;
         }
         self.conn.push_text(frame.clone()).is_ok()
+    }
+
+    /// Moves this subscriber's offset to `offset`; `false` when it already had it. Offsets of a
+    /// stream are consecutive, so a jump means publications were missed on the way here (a
+    /// broker connection lost, say): the connection is told to resynchronise rather than left
+    /// with a silent hole.
+    fn advance(&self, offset: u64) -> bool {
+        // Deliveries of one channel come from one place in offset order, so a plain
+        // compare-then-store is enough.
+        let last = self.last_offset.load(Acquire);
+        if offset <= last {
+            return false;
+        }
+        self.last_offset.store(offset, Release);
+        if offset > last + 1 {
+            tracing::warn!(
+                conn = self.conn.id,
+                last,
+                offset,
+                "publications missed: resync"
+            );
+            self.conn.close(CloseCode::Resync);
+            return false;
+        }
+        true
     }
 }
 
@@ -241,8 +275,10 @@ impl Hub {
                 return;
             }
             if let Some(encoder) = &subscriber.encoder {
-                if let Some(own) = encoder.encode(offset, data) {
-                    delivered += u64::from(subscriber.offer(offset, &own));
+                match encoder.encode(offset, data) {
+                    Some(own) => delivered += u64::from(subscriber.offer(offset, &own)),
+                    // Nothing to send, but the entry counts: the next one is no gap.
+                    None => subscriber.skip(offset),
                 }
                 return;
             }
@@ -262,6 +298,40 @@ impl PublicationSink for Hub {
             publication.position.as_ref(),
             &publication.data,
         );
+    }
+
+    fn event(&self, channel: &str, except: ConnId, frame: &str) {
+        self.push_event(channel, except, frame.to_owned());
+    }
+
+    fn interested(&self, channel: &str) -> bool {
+        self.subscriber_count(channel) > 0
+    }
+
+    fn gap(&self, channel: &str, top: Option<&Position>, epoch_changed: bool) {
+        let mut closed = 0u64;
+        self.index.for_each_subscriber(channel, |_, subscriber| {
+            // High-templar rooms follow no offsets.
+            if subscriber.frames.is_some() {
+                return;
+            }
+            let behind = match top {
+                Some(top) => subscriber.last_offset.load(Acquire) < top.offset,
+                None => false,
+            };
+            if epoch_changed || behind {
+                subscriber.conn.close(CloseCode::Resync);
+                closed += 1;
+            }
+        });
+        if closed > 0 {
+            tracing::warn!(
+                channel,
+                closed,
+                epoch_changed,
+                "subscribers told to resynchronise"
+            );
+        }
     }
 }
 

@@ -7,6 +7,7 @@ mod backend_key;
 mod chat;
 mod config;
 mod conn;
+mod engine;
 mod hightemplar;
 mod hub;
 mod keepalive;
@@ -69,6 +70,18 @@ enum Command {
     },
 }
 
+/// Checks that the configured broker answers (nothing to check for the local one).
+fn ping_broker(config: &Config) -> Result<(), String> {
+    if config.broker == engine::BrokerKind::Local {
+        return Ok(());
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+    runtime.block_on(engine::ping(config))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
@@ -77,7 +90,13 @@ fn main() -> ExitCode {
             match Config::load(file.as_deref(), &overrides) {
                 Ok(config) => {
                     print!("{}", config.to_toml_redacted());
-                    ExitCode::SUCCESS
+                    match ping_broker(&config) {
+                        Ok(()) => ExitCode::SUCCESS,
+                        Err(e) => {
+                            eprintln!("error: {e}");
+                            ExitCode::FAILURE
+                        }
+                    }
                 }
                 Err(e) => {
                     eprintln!("error: {e}");

@@ -53,8 +53,12 @@ impl Metrics {
 
     /// Prometheus text exposition format. `channels` is read from the index and `store` from the
     /// store by the caller.
-    pub fn render(&self, channels: usize, store: plaza_store::StoreStats) -> String {
+    pub fn render(&self, node: &str, channels: usize, store: plaza_store::StoreStats) -> String {
         let mut out = String::with_capacity(4096);
+        // The node's id, so scrapes of several nodes can be told apart.
+        let _ = writeln!(out, "# HELP plaza_node_info This node's id.");
+        let _ = writeln!(out, "# TYPE plaza_node_info gauge");
+        let _ = writeln!(out, "plaza_node_info{{node=\"{node}\"}} 1");
         let mut one = |name: &str, kind: &str, help: &str, value: u64| {
             let _ = writeln!(out, "# HELP plaza_{name} {help}");
             let _ = writeln!(out, "# TYPE plaza_{name} {kind}");

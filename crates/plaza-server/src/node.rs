@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
-use plaza_broker::{Broker, LocalBroker};
+use plaza_broker::Broker;
 use plaza_core::{
     ChannelName, ChannelPresence, ClientInfo, ConnId, ErrorCode, Limits, NamespaceError,
     NamespaceOptions, Namespaces, Payload, Position, PresenceEvent, Publication, ReplyError,
@@ -61,20 +61,27 @@ pub struct Node {
 pub const MAX_IDEMPOTENCY_KEY: usize = 256;
 
 impl Node {
-    /// A single node: the local broker, and `store` for history.
-    pub fn local(
+    /// A node over `store` and `broker` (see [`crate::engine::open`]); `hub` must be the sink
+    /// the broker delivers to.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
         settings: Settings,
         id: String,
+        hub: Arc<Hub>,
         store: Arc<dyn Store>,
+        broker: Arc<dyn Broker>,
         auth: Auth,
         live: Live,
         chat: ChatConfig,
     ) -> Arc<Self> {
-        let hub = Arc::new(Hub::default());
-        let broker = Arc::new(LocalBroker::new(hub.clone()));
-        // Publications of channels with history are delivered by the store, in offset order.
-        store.set_listener(hub.clone());
-        let chat = Chat::new(chat, Arc::clone(&store), Arc::clone(&hub));
+        let chat = Chat::new(
+            chat,
+            Arc::clone(&store),
+            Arc::clone(&hub),
+            Arc::clone(&broker),
+        );
+        // Connection ids are unique across the nodes sharing a broker.
+        let first_conn_id = broker.conn_id_base() + 1;
         Arc::new(Self {
             hub,
             auth,
@@ -85,7 +92,7 @@ impl Node {
             settings,
             id,
             started: Instant::now(),
-            next_conn_id: AtomicU64::new(1),
+            next_conn_id: AtomicU64::new(first_conn_id),
             idempotency: DashMap::new(),
             presence: DashMap::new(),
         })
@@ -214,9 +221,9 @@ impl Node {
             .retain(|_, r| now.duration_since(r.created) < window);
     }
 
-    /// Records a connection in a channel's presence; with `join_leave`, tells the other
-    /// subscribers when its user arrives.
-    pub fn presence_join(
+    /// Records a connection in a channel's presence (here and, through the broker, for every
+    /// node); with `join_leave`, tells the other subscribers when its user arrives.
+    pub async fn presence_join(
         &self,
         channel: &Arc<str>,
         options: &NamespaceOptions,
@@ -229,15 +236,23 @@ impl Node {
             .presence
             .entry(Arc::clone(channel))
             .or_default()
-            .join(client);
+            .join(client.clone());
+        if let Err(e) = self.broker.presence_add(Arc::clone(channel), client).await {
+            tracing::warn!(channel = %channel, error = %e, "presence not shared with the broker");
+        }
         if let (Some(event), true) = (event, options.join_leave) {
-            self.announce(channel, &event);
+            self.announce(channel, &event).await;
         }
     }
 
     /// Removes a connection from a channel's presence; with `join_leave`, tells the remaining
     /// subscribers when its user's last connection went.
-    pub fn presence_leave(&self, channel: &Arc<str>, options: &NamespaceOptions, client: ConnId) {
+    pub async fn presence_leave(
+        &self,
+        channel: &Arc<str>,
+        options: &NamespaceOptions,
+        client: ConnId,
+    ) {
         if !options.presence {
             return;
         }
@@ -246,41 +261,65 @@ impl Node {
             Some(mut present) => present.leave(client),
         };
         self.presence.remove_if(channel, |_, p| p.is_empty());
+        if let Err(e) = self
+            .broker
+            .presence_remove(Arc::clone(channel), client)
+            .await
+        {
+            tracing::warn!(channel = %channel, error = %e, "presence removal not shared with the broker");
+        }
         if let (Some(event), true) = (event, options.join_leave) {
-            self.announce(channel, &event);
+            self.announce(channel, &event).await;
         }
     }
 
-    fn announce(&self, channel: &str, event: &PresenceEvent) {
+    async fn announce(&self, channel: &Arc<str>, event: &PresenceEvent) {
         let except = match event {
             PresenceEvent::Join(c) | PresenceEvent::Leave(c) => c.client,
         };
         let frame = native::encode_presence_event(channel, event);
-        self.hub.push_event(channel, except, frame);
+        if let Err(e) = self
+            .broker
+            .publish_event(Arc::clone(channel), except, frame)
+            .await
+        {
+            tracing::warn!(channel = %channel, error = %e, "presence event not sent");
+        }
     }
 
-    /// The connections present in a channel, or `None` when its namespace keeps no presence.
-    pub fn presence(&self, options: &NamespaceOptions, channel: &str) -> Option<Vec<ClientInfo>> {
-        options.presence.then(|| {
+    /// The connections present in a channel on every node, or `None` when its namespace keeps
+    /// no presence.
+    pub async fn presence(
+        &self,
+        options: &NamespaceOptions,
+        channel: &str,
+    ) -> Result<Option<Vec<ClientInfo>>, ReplyError> {
+        if !options.presence {
+            return Ok(None);
+        }
+        let shared = self
+            .broker
+            .presence_list(Arc::from(channel))
+            .await
+            .map_err(|e| ReplyError::new(ErrorCode::Internal, e.to_string()))?;
+        Ok(Some(shared.unwrap_or_else(|| {
             self.presence
                 .get(channel)
                 .map(|p| p.clients())
                 .unwrap_or_default()
-        })
+        })))
     }
 
     /// `(connections, users)` present in a channel, or `None` without presence.
-    pub fn presence_stats(
+    pub async fn presence_stats(
         &self,
         options: &NamespaceOptions,
         channel: &str,
-    ) -> Option<(usize, usize)> {
-        options.presence.then(|| {
-            self.presence
-                .get(channel)
-                .map(|p| p.stats())
-                .unwrap_or((0, 0))
-        })
+    ) -> Result<Option<(usize, usize)>, ReplyError> {
+        Ok(self
+            .presence(options, channel)
+            .await?
+            .map(|clients| plaza_core::presence_stats_of(&clients)))
     }
 
     /// Counts an error that is about to be answered.

@@ -11,7 +11,6 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use axum::serve::ListenerExt as _;
 use plaza_core::CloseCode;
-use plaza_store::RedbStore;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -20,9 +19,10 @@ use crate::bachata::Bachata;
 use crate::backend_key::{self, KeySource};
 use crate::config::Config;
 use crate::hightemplar::HighTemplar;
+use crate::hub::Hub;
 use crate::live::Live;
 use crate::node::Node;
-use crate::{api, keepalive, ws};
+use crate::{api, engine, keepalive, ws};
 
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
@@ -45,13 +45,12 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     }
 
     let node_id = backend_key::random_hex(4)?;
-    let store = RedbStore::open(&config.data_dir).await.with_context(|| {
-        format!(
-            "cannot open the store {}",
-            config.data_dir.join(RedbStore::FILE_NAME).display()
-        )
-    })?;
-    let store = Arc::new(store);
+    let hub = Arc::new(Hub::default());
+    let engine::Engine {
+        store,
+        broker,
+        embedded,
+    } = engine::open(&config, &node_id, Arc::clone(&hub)).await?;
     let auth = Auth::from_config(&config.auth)?;
     if let Some(jwt) = &auth.jwt {
         tracing::info!(algorithm = jwt.algorithm(), "connection tokens accepted");
@@ -60,10 +59,12 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         tracing::info!("anonymous connections are allowed");
     }
     let live = Live::from_config(&config.live).map_err(|e| anyhow::anyhow!("live: {e}"))?;
-    let node = Node::local(
+    let node = Node::new(
         config.settings(),
         node_id.clone(),
-        store.clone(),
+        hub,
+        store,
+        broker,
         auth,
         live,
         config.chat.clone(),
@@ -159,13 +160,14 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     }
     // Every acknowledged publish is already durable; closing releases the file cleanly.
     drop(node);
-    match Arc::try_unwrap(store) {
-        Ok(store) => {
+    match embedded.map(Arc::try_unwrap) {
+        Some(Ok(store)) => {
             if let Err(e) = store.close().await {
                 tracing::warn!(error = %e, "closing the store failed");
             }
         }
-        Err(_) => tracing::debug!("store still referenced at exit; the OS releases it"),
+        Some(Err(_)) => tracing::debug!("store still referenced at exit; the OS releases it"),
+        None => {}
     }
     tracing::info!("stopped");
     Ok(())

@@ -198,6 +198,7 @@ impl Session {
                 let (channel, options) = self.subscribed(&channel)?;
                 self.node
                     .presence(options, channel.as_str())
+                    .await?
                     .map(Outcome::Presence)
                     .ok_or_else(|| no_presence(&channel))
             }
@@ -205,6 +206,7 @@ impl Session {
                 let (channel, options) = self.subscribed(&channel)?;
                 self.node
                     .presence_stats(options, channel.as_str())
+                    .await?
                     .map(|(clients, users)| Outcome::PresenceStats { clients, users })
                     .ok_or_else(|| no_presence(&channel))
             }
@@ -437,6 +439,8 @@ impl Session {
         };
         let info = backlog.info();
         self.queue_backlog(&channel, subscriber, backlog);
+        chat.share_inbox_presence(&self.user, self.conn.id, true)
+            .await;
         if came_online && let Err(e) = chat.announce_presence(&self.user, true).await {
             tracing::warn!(user = %self.user, error = %e, "group presence not announced");
         }
@@ -844,15 +848,17 @@ impl Session {
             }
         }
         if let Ok((_, options)) = self.node.resolve_channel(&key) {
-            self.node.presence_join(
-                &key,
-                options,
-                ClientInfo {
-                    user: self.user.clone(),
-                    client: self.conn.id,
-                    info: self.info.clone(),
-                },
-            );
+            self.node
+                .presence_join(
+                    &key,
+                    options,
+                    ClientInfo {
+                        user: self.user.clone(),
+                        client: self.conn.id,
+                        info: self.info.clone(),
+                    },
+                )
+                .await;
         }
         Ok(())
     }
@@ -917,7 +923,9 @@ impl Session {
         let hub = &self.node.hub;
         hub.unsubscribe(channel, self.conn.id);
         if let Ok((_, options)) = self.node.resolve_channel(channel) {
-            self.node.presence_leave(channel, options, self.conn.id);
+            self.node
+                .presence_leave(channel, options, self.conn.id)
+                .await;
         }
         if hub.subscriber_count(channel) == 0
             && let Err(e) = self.node.broker.unsubscribe(Arc::clone(channel)).await
@@ -933,9 +941,14 @@ impl Session {
         }
         for channel in std::mem::take(&mut self.channels) {
             self.leave(&channel).await;
-            if chat_rules::is_inbox(&channel)
-                && !self.node.chat.is_online(&self.user)
-                && let Err(e) = self.node.chat.announce_presence(&self.user, false).await
+            if !chat_rules::is_inbox(&channel) {
+                continue;
+            }
+            let chat = &self.node.chat;
+            chat.share_inbox_presence(&self.user, self.conn.id, false)
+                .await;
+            if !chat.is_online(&self.user)
+                && let Err(e) = chat.announce_presence(&self.user, false).await
             {
                 tracing::warn!(user = %self.user, error = %e, "group presence not announced");
             }

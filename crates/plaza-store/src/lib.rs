@@ -38,6 +38,7 @@ mod stream;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use disk::RedbStore;
 pub use memory::MemoryStore;
+pub use stream::new_epoch;
 
 /// A boxed future, so stores can be used as `dyn Store` (async trait methods are not object-safe).
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

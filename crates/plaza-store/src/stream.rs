@@ -120,7 +120,7 @@ pub(crate) fn stamp(now_ms: u64, last_ms: u64) -> u64 {
 
 /// A new random epoch: 16 hex digits (64 bits), so a recreated stream practically never reuses
 /// the epoch of the stream it replaces.
-pub(crate) fn new_epoch() -> Result<String, StoreError> {
+pub fn new_epoch() -> Result<String, StoreError> {
     let mut bytes = [0u8; 8];
     getrandom::fill(&mut bytes).map_err(|e| StoreError::Random(e.to_string()))?;
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
