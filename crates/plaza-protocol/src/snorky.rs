@@ -51,6 +51,9 @@ pub const NO_SUCH_CURSOR: &str = "No such cursor";
 /// Plaza's own text (the reference accepted any value as a row): a delta's `data`, `newData` or
 /// `oldData` that is not a JSON object.
 pub const DATA_NOT_OBJECT: &str = "Delta data must be an object";
+/// Plaza's own text: the backend answers a call to a service it does not have (the reference
+/// never answered).
+pub const UNKNOWN_SERVICE: &str = "Unknown service";
 /// Plaza's own text: more live subscriptions than a connection may hold.
 pub const TOO_MANY_SUBSCRIPTIONS: &str = "Too many subscriptions";
 
@@ -216,6 +219,15 @@ pub fn error(service: &str, call_id: Option<&RawValue>, text: &str) -> String {
             "{{\"type\": \"error\", \"callId\": {id}, \"message\": {}}}",
             python_string(text)
         ),
+    )
+}
+
+/// An error for a backend request that names no service (the reference never answered it):
+/// `{"service": null, "message": {"type": "error", "callId": null, "message": T}}`.
+pub fn error_without_service(text: &str) -> String {
+    format!(
+        "{{\"service\": null, \"message\": {{\"type\": \"error\", \"callId\": null, \"message\": {}}}}}",
+        python_string(text)
     )
 }
 
@@ -759,6 +771,10 @@ mod tests {
             r#"{"service": "cursors", "message": {"type": "cursorRemoved", "cursor": {"publicHandle": 7, "document": "doc"}}}"#
         );
         assert_eq!(string_list(["alice", "bob"]), r#"["alice", "bob"]"#);
+        assert_eq!(
+            error_without_service("Invalid message: not a JSON object"),
+            r#"{"service": null, "message": {"type": "error", "callId": null, "message": "Invalid message: not a JSON object"}}"#
+        );
         assert_eq!(
             timestamp(1_795_900_300_203_704),
             "2026-11-28T21:11:40.203704+00:00"

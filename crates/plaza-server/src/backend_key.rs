@@ -60,6 +60,11 @@ pub fn load_or_create(
     }
 }
 
+/// Whether `given` is the backend key, compared in constant time.
+pub fn matches(given: &[u8], key: &str) -> bool {
+    bool::from(subtle::ConstantTimeEq::ct_eq(given, key.as_bytes()))
+}
+
 /// `bytes` random bytes from the operating system, as lowercase hex.
 pub fn random_hex(bytes: usize) -> Result<String, KeyError> {
     let mut buf = vec![0u8; bytes];

@@ -21,6 +21,7 @@ use crate::hightemplar::HighTemplarConfig;
 use crate::live::LiveConfig;
 use crate::node::Settings;
 use crate::rsocket::RsocketConfig;
+use crate::snorky::SnorkyConfig;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -80,6 +81,9 @@ pub struct Config {
     /// RSocket chat compatibility (`[rsocket]`); off when absent.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rsocket: Option<RsocketConfig>,
+    /// Snorky compatibility (`[snorky]`); off when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snorky: Option<SnorkyConfig>,
 }
 
 impl Default for Config {
@@ -108,6 +112,7 @@ impl Default for Config {
             hightemplar: None,
             bachata: None,
             rsocket: None,
+            snorky: None,
         }
     }
 }
@@ -339,6 +344,10 @@ impl Config {
                 return invalid("[bachata] needs chat.enabled = true".into());
             }
         }
+        // [snorky]
+        if let Some(s) = &self.snorky {
+            s.validate().map_err(ConfigError::Invalid)?;
+        }
         // Each public WebSocket path is one endpoint's (the router refuses a second at startup).
         let mut paths: Vec<(&str, &str)> = vec![("native_path", self.native_path.as_str())];
         if let Some(ht) = &self.hightemplar {
@@ -349,6 +358,9 @@ impl Config {
         }
         if let Some(p) = self.rsocket.as_ref().and_then(|r| r.ws_path.as_deref()) {
             paths.push(("rsocket.ws_path", p));
+        }
+        if let Some(s) = &self.snorky {
+            paths.push(("snorky.path", s.path.as_str()));
         }
         for (i, (name, path)) in paths.iter().enumerate() {
             if let Some((other, _)) = paths[..i].iter().find(|(_, p)| p == path) {
@@ -456,6 +468,14 @@ client_publish = true
         .unwrap();
         let error = cfg.validate().unwrap_err().to_string();
         assert!(error.contains("already used by native_path"), "{error}");
+        let cfg = Config::from_toml("[snorky]\npath = \"/plaza/ws\"").unwrap();
+        let error = cfg.validate().unwrap_err().to_string();
+        assert!(
+            error.contains("snorky.path '/plaza/ws' is already used"),
+            "{error}"
+        );
+        let cfg = Config::from_toml("[snorky]\npath = \"/ws\"").unwrap();
+        assert!(cfg.validate().is_ok());
     }
 
     #[test]

@@ -296,6 +296,12 @@ impl ConnHandle {
         true
     }
 
+    /// Queues a ping outside the keep-alive bookkeeping, for endpoints that ping on their own
+    /// schedule and never act on a missing pong (Snorky).
+    pub fn push_ping(&self) {
+        self.push_control(Outgoing::Ping);
+    }
+
     pub fn set_connected(&self, user: &str) {
         let _ = self.user.set(user.to_owned());
         self.connected.store(true, Ordering::Release);

@@ -63,13 +63,36 @@ impl LiveConfig {
     }
 }
 
+/// How a connection's delta frames look.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeltaFormat {
+    /// `{"push":"delta","subscription":"<id>","delta":D}`.
+    Native,
+    /// Snorky DataSync: `{"service": S, "message": {"type": "delta", "delta": D}}` in
+    /// `json.dumps` layout, S the service's name.
+    Snorky(Arc<str>),
+}
+
+impl DeltaFormat {
+    /// The frame of `body` (the delta's compact JSON) for subscription `id`.
+    fn frame(&self, id: SubId, body: &str) -> Utf8Bytes {
+        Utf8Bytes::from(match self {
+            DeltaFormat::Native => {
+                format!("{{\"push\":\"delta\",\"subscription\":\"{id}\",\"delta\":{body}}}")
+            }
+            DeltaFormat::Snorky(service) => plaza_protocol::snorky::delta(service, body),
+        })
+    }
+}
+
 /// Where a subscription's deltas go.
 enum Target {
-    /// Granted, not redeemed yet: deltas wait here.
-    Waiting(Vec<Utf8Bytes>),
+    /// Granted, not redeemed yet: deltas (their compact JSON) wait here, framed once the
+    /// redeeming connection's format is known.
+    Waiting(Vec<Arc<str>>),
     /// More deltas arrived than a waiting subscription may hold.
     Overflowed,
-    Attached(Arc<ConnHandle>),
+    Attached(Arc<ConnHandle>, DeltaFormat),
 }
 
 /// One live subscription; the handle kept in the index.
@@ -83,12 +106,16 @@ impl LiveSub {
         self.target.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn deliver(&self, frame: Utf8Bytes) -> bool {
+    /// Queues or keeps one delta. `frames` makes (once per format and delta) the frame of an
+    /// attached subscription.
+    fn deliver(&self, body: &Arc<str>, frames: &mut Frames) -> bool {
         let mut target = self.lock();
         match &mut *target {
-            Target::Attached(conn) => conn.push_text(frame).is_ok(),
+            Target::Attached(conn, format) => {
+                conn.push_text(frames.get(self.id, format, body)).is_ok()
+            }
             Target::Waiting(buffer) if buffer.len() < MAX_BUFFERED_DELTAS => {
-                buffer.push(frame);
+                buffer.push(Arc::clone(body));
                 true
             }
             Target::Waiting(_) => {
@@ -106,17 +133,25 @@ impl LiveSub {
     /// Sends what waited, then everything new, to `conn`. `false` if too much had waited: the
     /// caller cancels the view and says so.
     pub fn attach(&self, conn: &Arc<ConnHandle>) -> bool {
+        self.attach_as(conn, DeltaFormat::Native)
+    }
+
+    /// [`attach`](Self::attach) for a connection whose delta frames look like `format`.
+    pub fn attach_as(&self, conn: &Arc<ConnHandle>, format: DeltaFormat) -> bool {
         let mut target = self.lock();
-        let waiting = match std::mem::replace(&mut *target, Target::Attached(Arc::clone(conn))) {
-            Target::Waiting(frames) => frames,
-            Target::Attached(_) => Vec::new(),
+        let waiting = match std::mem::replace(
+            &mut *target,
+            Target::Attached(Arc::clone(conn), format.clone()),
+        ) {
+            Target::Waiting(bodies) => bodies,
+            Target::Attached(..) => Vec::new(),
             Target::Overflowed => {
                 *target = Target::Overflowed;
                 return false;
             }
         };
-        for frame in waiting {
-            let _ = conn.push_text(frame);
+        for body in waiting {
+            let _ = conn.push_text(format.frame(self.id, &body));
         }
         true
     }
@@ -183,6 +218,16 @@ impl Live {
 
     pub fn token_ttl(&self) -> Duration {
         self.token_ttl
+    }
+
+    /// Whether a dealer of this name is configured.
+    pub fn has_dealer(&self, name: &str) -> bool {
+        self.index.dealer(name).is_some()
+    }
+
+    /// Whether `token` is a grant waiting to be redeemed.
+    pub fn has_grant(&self, token: &str) -> bool {
+        self.grants.contains_key(token)
     }
 
     /// Grants subscriptions to `items` (dealer, query) under one new single-use token, bound to
@@ -269,7 +314,7 @@ impl Live {
         }
         let sub = Arc::new(LiveSub {
             id: self.next_id.fetch_add(1, Relaxed),
-            target: Mutex::new(Target::Attached(Arc::clone(conn))),
+            target: Mutex::new(Target::Attached(Arc::clone(conn), DeltaFormat::Native)),
         });
         self.index.add(sub.id, dealer, query, Arc::clone(&sub))?;
         Ok(sub.id)
@@ -306,13 +351,15 @@ impl Live {
     pub fn route(&self, deltas: &[Delta]) -> u64 {
         let mut delivered = 0u64;
         for delta in deltas {
-            // The delta's JSON depends only on its outgoing kind: encode each kind once.
-            let mut encoded: [Option<String>; 3] = [None, None, None];
-            self.index.route(delta, |id, sub, out| {
-                let body = encoded[kind_slot(out.kind())].get_or_insert_with(|| encode_out(out));
-                let frame =
-                    format!("{{\"push\":\"delta\",\"subscription\":\"{id}\",\"delta\":{body}}}");
-                delivered += u64::from(sub.deliver(Utf8Bytes::from(frame)));
+            // The delta's JSON depends only on its outgoing kind: encode each kind once (and
+            // its Snorky frame once).
+            let mut encoded: [Option<Arc<str>>; 3] = [None, None, None];
+            let mut frames = Frames::default();
+            self.index.route(delta, |_, sub, out| {
+                let slot = kind_slot(out.kind());
+                let body = encoded[slot].get_or_insert_with(|| Arc::from(encode_out(out)));
+                frames.slot = slot;
+                delivered += u64::from(sub.deliver(body, &mut frames));
             });
         }
         delivered
@@ -321,6 +368,30 @@ impl Live {
     /// Live subscriptions, granted or attached.
     pub fn len(&self) -> usize {
         self.index.len()
+    }
+}
+
+/// The frames of one delta: native ones carry the subscription id; a Snorky one is the same for
+/// every subscription of its service, so it is made once per outgoing kind.
+#[derive(Default)]
+struct Frames {
+    slot: usize,
+    snorky: [Option<(Arc<str>, Utf8Bytes)>; 3],
+}
+
+impl Frames {
+    fn get(&mut self, id: SubId, format: &DeltaFormat, body: &str) -> Utf8Bytes {
+        match format {
+            DeltaFormat::Native => format.frame(id, body),
+            DeltaFormat::Snorky(service) => match &self.snorky[self.slot] {
+                Some((s, frame)) if s == service => frame.clone(),
+                _ => {
+                    let frame = format.frame(id, body);
+                    self.snorky[self.slot] = Some((Arc::clone(service), frame.clone()));
+                    frame
+                }
+            },
+        }
     }
 }
 

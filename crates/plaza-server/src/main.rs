@@ -17,6 +17,7 @@ mod node;
 mod rsocket;
 mod server;
 mod session;
+mod snorky;
 mod ws;
 
 use std::io::IsTerminal as _;

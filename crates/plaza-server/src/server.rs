@@ -89,7 +89,16 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         None => None,
     };
 
+    // Snorky (`[snorky]`): its WebSocket path and its backend path.
+    let snorky = match &config.snorky {
+        Some(s) => Some(crate::snorky::Snorky::start(s, Arc::clone(&node))?),
+        None => None,
+    };
+
     let mut public = Router::new().route(&config.native_path, get(ws::upgrade));
+    if let Some(s) = &snorky {
+        public = public.merge(s.router());
+    }
     if let Some(b) = &bachata {
         public = public.merge(b.router());
     }
@@ -102,7 +111,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let public = public
         .fallback(|| async { (StatusCode::NOT_FOUND, "no such endpoint\n") })
         .with_state(Arc::clone(&node));
-    let backend = api::router(Arc::clone(&node), Arc::from(key), hightemplar);
+    let key: Arc<str> = Arc::from(key);
+    let mut backend = api::router(Arc::clone(&node), Arc::clone(&key), hightemplar);
+    if let Some(s) = &snorky {
+        backend = backend.merge(s.backend_router(key));
+    }
 
     let public_listener = TcpListener::bind(config.listen)
         .await
@@ -141,11 +154,15 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     tracing::info!(signal, "shutting down");
     let _ = stop_tx.send(true);
     node.hub.close_all(CloseCode::Shutdown);
+    if let Some(s) = &snorky {
+        s.close_all(CloseCode::Shutdown);
+    }
+    let open = || node.hub.connection_count() + snorky.as_ref().map_or(0, |s| s.connection_count());
     let deadline = Instant::now() + Duration::from_secs(config.shutdown_timeout_secs);
-    while node.hub.connection_count() > 0 && Instant::now() < deadline {
+    while open() > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let left = node.hub.connection_count();
+    let left = open();
     if left > 0 {
         tracing::warn!(left, "connections still open at the shutdown deadline");
     }

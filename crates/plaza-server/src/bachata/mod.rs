@@ -156,7 +156,7 @@ impl InboxFrames {
     }
 }
 
-fn query_param(query: Option<&str>, name: &str) -> Option<String> {
+pub(crate) fn query_param(query: Option<&str>, name: &str) -> Option<String> {
     // Tornado's get_argument: the last value, whitespace stripped.
     form_urlencoded::parse(query?.as_bytes())
         .filter(|(k, _)| k == name)
