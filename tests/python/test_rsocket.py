@@ -334,3 +334,493 @@ tcp_listen = "127.0.0.1:{port}"
         run(go())
     finally:
         server.stop()
+
+
+# ----- statistics (R5) -----
+
+from reactivestreams.publisher import DefaultPublisher  # noqa: E402
+from reactivestreams.subscription import DefaultSubscription  # noqa: E402
+from rsocket.extensions.composite_metadata import CompositeMetadata  # noqa: E402
+from rsocket.extensions.helpers import metadata_item  # noqa: E402
+
+FILE_NAME_MIME = b"chat/file-name"
+
+
+class StatisticsHandler(DefaultPublisher, DefaultSubscriber, DefaultSubscription):
+    """The step 6-8 client's statistics channel: subscriber of the server's samples and
+    publisher of the client's requests (sent at once, as the tutorial's handler does)."""
+
+    def __init__(self):
+        super().__init__()
+        self.samples = []  # (monotonic time, decoded JSON)
+        self.arrived = asyncio.Event()
+
+    def on_next(self, payload, is_complete=False):
+        self.samples.append((asyncio.get_running_loop().time(), json.loads(payload.data)))
+        self.arrived.set()
+
+    def on_error(self, exception):
+        self.samples.append((asyncio.get_running_loop().time(), {"error": str(exception)}))
+        self.arrived.set()
+
+    def cancel(self):
+        self.subscription.cancel()
+
+    def set_requested_statistics(self, ids, period_seconds=1):
+        # The tutorial's dataclass always sends both keys.
+        self._subscriber.on_next(Payload(json.dumps({"ids": ids, "period_seconds": period_seconds}).encode()))
+
+    async def wait_for(self, n, timeout=10.0):
+        async def loop():
+            while len(self.samples) < n:
+                self.arrived.clear()
+                await self.arrived.wait()
+        await asyncio.wait_for(loop(), timeout)
+
+
+def listen_for_statistics(client, data=b"") -> StatisticsHandler:
+    handler = StatisticsHandler()
+    request = Payload(data, metadata=composite(route("statistics")))
+    client.request_channel(request, publisher=handler).subscribe(handler)
+    return handler
+
+
+@TRANSPORTS
+def test_r5_statistics_period_ids_and_cancel(rs, transport):
+    async def go():
+        async with await connect(rs, transport) as u1, await connect(rs, transport) as u2:
+            await rr(u1, b"r5user1", "login")
+            await rr(u2, b"r5user2", "login")
+            await rr(u1, b"r5chan", "channel.join")
+            # FNF statistics: accepted, no reply; the connection goes on.
+            await u1.fire_and_forget(Payload(b'{"memory_usage": 36244}', composite(route("statistics"))))
+            stats = listen_for_statistics(u1)
+            start = asyncio.get_running_loop().time()
+            await stats.wait_for(2)
+            assert [s for _, s in stats.samples[:2]] == [{"user_count": 2, "channel_count": 1}] * 2
+            # The first sample comes one period (1 s) after the channel opened, then every second.
+            first, second = stats.samples[0][0], stats.samples[1][0]
+            assert 0.7 <= first - start <= 1.6, first - start
+            assert 0.7 <= second - first <= 1.4, second - first
+
+            stats.set_requested_statistics(["users"], period_seconds=2)
+            n = len(stats.samples)
+            await stats.wait_for(n + 3, timeout=12)
+            later = stats.samples[n:]
+            # At most one sample of the old settings was already on its way.
+            assert all(s == {"user_count": 2, "channel_count": None} for _, s in later[1:]), later
+            gaps = [b - a for (a, _), (b, _) in zip(later[1:], later[2:])]
+            assert all(1.7 <= g <= 2.5 for g in gaps), gaps
+
+            stats.cancel()
+            await asyncio.sleep(0.2)
+            n = len(stats.samples)
+            await asyncio.sleep(2.5)
+            assert len(stats.samples) == n
+            assert (await rr(u1, b"r5user1", "login")).data
+    run(go())
+
+
+class BackpressuredControl(DefaultPublisher, DefaultSubscription):
+    """The reactivex client's control side: requests wait in a queue and go out only as the
+    server grants REQUEST_N (observable_from_queue with backpressure)."""
+
+    def __init__(self):
+        super().__init__()
+        self.queue = []
+        self.credit = 0
+
+    def subscribe(self, subscriber):
+        super().subscribe(subscriber)
+        subscriber.on_subscribe(self)
+
+    def request(self, n):
+        self.credit += n
+        self._drain()
+
+    def put(self, data: bytes):
+        self.queue.append(Payload(data))
+        self._drain()
+
+    def _drain(self):
+        while self.credit > 0 and self.queue:
+            self.credit -= 1
+            self._subscriber.on_next(self.queue.pop(0))
+
+
+@TRANSPORTS
+def test_r5_reactivex_initial_request_and_server_request_n(rs, transport):
+    async def go():
+        async with await connect(rs, transport) as c:
+            await rr(c, b"r5rx", "login")
+            control = BackpressuredControl()
+            samples = StatisticsHandler()
+            c.request_channel(
+                Payload(b'{"ids": ["users", "channels"], "period_seconds": 2}', composite(route("statistics"))),
+                publisher=control).subscribe(samples)
+            await samples.wait_for(2, timeout=8)
+            assert samples.samples[0][1] == {"user_count": 1, "channel_count": 0}
+            assert 1.6 <= samples.samples[1][0] - samples.samples[0][0] <= 2.5
+            # The server granted REQUEST_N for the channel's inbound side.
+            assert control.credit > 0
+            control.put(b'{"ids": [], "period_seconds": 1}')
+            n = len(samples.samples)
+            await samples.wait_for(n + 3, timeout=8)
+            assert samples.samples[-1][1] == {"user_count": None, "channel_count": None}
+            samples.cancel()
+    run(go())
+
+
+def test_r5_bad_statistics_request_is_an_error_on_the_channel(rs):
+    async def go():
+        async with await connect(rs, "tcp") as c:
+            await rr(c, b"r5bad", "login")
+            stats = listen_for_statistics(c, b'{"period_seconds": 0}')
+            await stats.wait_for(1, timeout=5)
+            assert "period_seconds" in stats.samples[0][1]["error"]
+            assert (await rr(c, b"r5bad", "login")).data
+    run(go())
+
+
+# ----- files (R6) -----
+
+def file_metadata(route_name: str, name: str):
+    return composite(route(route_name), metadata_item(name.encode(), FILE_NAME_MIME))
+
+
+async def upload(client, name: str, content: bytes):
+    return await client.request_response(Payload(content, file_metadata("file.upload", name)))
+
+
+async def download(client, name: str):
+    return await client.request_response(Payload(metadata=file_metadata("file.download", name)))
+
+
+@TRANSPORTS
+def test_r6_file_uploaded_on_one_connection_downloads_on_another(rs, transport):
+    async def go():
+        async with await connect(rs, transport) as u1, await connect(rs, transport) as u2:
+            await rr(u1, b"r6user1", "login")
+            await rr(u2, b"r6user2", "login")
+            content = b"abcdefg1234567"
+            r = await upload(u1, "file_name_1.txt", content)
+            assert r.data == b""
+            assert await stream(u1, b"", "files") == ["file_name_1.txt"]
+            got = await download(u2, "file_name_1.txt")
+            assert got.data == content
+            names = CompositeMetadata().parse(got.metadata).find_by_mimetype(FILE_NAME_MIME)
+            assert [i.content for i in names] == [b"file_name_1.txt"]
+
+            # Binary content at the size limit (1 MiB by default) round-trips byte for byte;
+            # the download is larger than one fragment (1 000 000 bytes) and is reassembled.
+            big = bytes(range(256)) * 4096
+            assert len(big) == 1024 * 1024
+            await upload(u2, "big.bin", big)
+            assert (await download(u1, "big.bin")).data == big
+            # Same name: overwritten.
+            await upload(u1, "file_name_1.txt", b"new")
+            assert (await download(u2, "file_name_1.txt")).data == b"new"
+            assert await stream(u2, b"", "files") == ["big.bin", "file_name_1.txt"]
+    run(go())
+
+
+@TRANSPORTS
+def test_r6_size_limit_and_bad_names_are_errors(rs, transport):
+    async def go():
+        async with await connect(rs, transport) as c:
+            await rr(c, b"r6limits", "login")
+            with pytest.raises(RuntimeError, match=r"too large: 1048577 bytes, the limit is 1048576"):
+                await upload(c, "too-big.bin", b"x" * (1024 * 1024 + 1))
+            for bad in ["../etc/passwd", "a/b", "..", "tab\there"]:
+                with pytest.raises(RuntimeError):
+                    await upload(c, bad, b"x")
+            with pytest.raises(RuntimeError, match="no file name"):
+                await rr(c, b"x", "file.upload")
+            with pytest.raises(RuntimeError, match="no file named"):
+                await download(c, "missing.txt")
+            assert await stream(c, b"", "files") == []
+            await upload(c, "ok.txt", b"fine")
+            assert await stream(c, b"", "files") == ["ok.txt"]
+    run(go())
+
+
+def test_r6_files_need_login(rs):
+    async def go():
+        async with await connect(rs, "tcp") as c:
+            with pytest.raises(RuntimeError, match="login"):
+                await upload(c, "a.txt", b"x")
+    run(go())
+
+
+# ----- messages.incoming is pushed by the hub -----
+
+@TRANSPORTS
+def test_messages_incoming_is_pushed_not_polled(rs, transport):
+    async def go():
+        async with await connect(rs, transport) as u1, await connect(rs, transport) as u2:
+            await rr(u1, b"pushuser1", "login")
+            await rr(u2, b"pushuser2", "login")
+            before = rs.metric("plaza_subscriptions")
+            inbox = Inbox()
+            u2.request_stream(Payload(metadata=composite(route("messages.incoming")))).subscribe(inbox)
+            # The open stream holds a hub subscription to the user's inbox.
+            for _ in range(50):
+                if rs.metric("plaza_subscriptions") == before + 1:
+                    break
+                await asyncio.sleep(0.05)
+            assert rs.metric("plaza_subscriptions") == before + 1
+            loop = asyncio.get_running_loop()
+            latencies = []
+            for i in range(15):
+                sent = loop.time()
+                await rr(u1, json.dumps({"user": "pushuser2", "content": f"m{i}", "channel": None}).encode(), "message")
+                await inbox.wait_for(i + 1)
+                latencies.append(loop.time() - sent)
+            assert [m["content"] for m in inbox.messages] == [f"m{i}" for i in range(15)]
+            # Polling every 100 ms would put the median near 50 ms.
+            latencies.sort()
+            assert latencies[len(latencies) // 2] < 0.03, latencies
+            inbox.subscription.cancel()
+            for _ in range(50):
+                if rs.metric("plaza_subscriptions") == before:
+                    break
+                await asyncio.sleep(0.05)
+            assert rs.metric("plaza_subscriptions") == before
+    run(go())
+
+
+def test_messages_incoming_honours_request_n(rs):
+    """Raw frames: initial N = 1, three messages waiting; one arrives, the rest only after
+    REQUEST_N, in order, and nothing is lost."""
+    s = raw(rs)
+    s.sendall(setup_frame())
+    s.sendall(frame(1, 0x04, 0x100, with_metadata(routed("login"), b"rnuser")))
+    assert read_frame(s)[0] == 1
+
+    async def send_three():
+        async with await connect(rs, "tcp") as c:
+            await rr(c, b"rnsender", "login")
+            for i in range(3):
+                await rr(c, json.dumps({"user": "rnuser", "content": f"c{i}", "channel": None}).encode(), "message")
+    s.sendall(frame(3, 0x06, 0x100, struct.pack(">I", 1) + with_metadata(routed("messages.incoming"), b"")))
+    time_ = __import__("time")
+    time_.sleep(0.3)
+    run(send_three())
+    sid, ftype, flags, body = read_frame(s)
+    assert (sid, ftype) == (3, 0x0A) and json.loads(body)["content"] == "c0"
+    s.settimeout(0.5)
+    with pytest.raises(socket.timeout):
+        read_frame(s)
+    s.settimeout(5)
+    s.sendall(frame(3, 0x08, 0, struct.pack(">I", 5)))
+    got = [json.loads(read_frame(s)[3])["content"] for _ in range(2)]
+    assert got == ["c1", "c2"]
+    s.close()
+
+
+# ----- keepalive timeout -----
+
+def setup_with_lifetime(lifetime_ms: int):
+    body = struct.pack(">HHII", 1, 0, 200, lifetime_ms)
+    mime = b"message/x.rsocket.composite-metadata.v0"
+    body += bytes([len(mime)]) + mime + bytes([16]) + b"application/json"
+    return frame(0, 0x01, 0, body)
+
+
+def test_r1_silent_connection_is_closed_after_its_max_lifetime(rs):
+    import time
+    s = raw(rs)
+    s.sendall(setup_with_lifetime(1000))
+    start = time.monotonic()
+    stream_id, ftype, _, body = read_frame(s)
+    elapsed = time.monotonic() - start
+    assert (stream_id, ftype) == (0, 0x0B)
+    assert struct.unpack(">I", body[:4])[0] == 0x101  # CONNECTION_ERROR
+    assert b"max lifetime" in body[4:]
+    assert 0.8 <= elapsed <= 2.5, elapsed
+    assert s.recv(1) == b""  # closed
+    s.close()
+
+
+def test_r1_keepalives_keep_the_connection_open(rs):
+    import time
+    s = raw(rs)
+    s.sendall(setup_with_lifetime(1000))
+    for _ in range(8):  # 2.4 s, past the 1 s lifetime
+        s.sendall(frame(0, 0x03, 0x80, struct.pack(">Q", 0)))
+        assert read_frame(s)[1] == 0x03
+        time.sleep(0.3)
+    s.sendall(frame(1, 0x04, 0x100, with_metadata(routed("login"), b"kauser")))
+    assert read_frame(s)[:2] == (1, 0x0A)
+    s.close()
+
+
+# ----- channel.join and the namespace's subscribe policy -----
+
+def test_channel_join_checks_the_subscribe_policy():
+    port = free_port()
+    server = Plaza(f"""
+ping_interval_secs = 0
+[namespaces.rsocket]
+client_join = true
+subscribe = "user"
+[rsocket]
+tcp_listen = "127.0.0.1:{port}"
+open_login = true
+""")
+    server.rsocket_port = port
+
+    async def go():
+        async with await connect(server, "tcp") as alice, await connect(server, "tcp") as bob:
+            await rr(alice, b"alice", "login")
+            await rr(bob, b"bob", "login")
+            await rr(alice, b"room#alice,carol", "channel.join")
+            with pytest.raises(RuntimeError, match="permission denied"):
+                await rr(bob, b"room#alice,carol", "channel.join")
+            assert await stream(bob, b"room#alice,carol", "channel.users") == ["alice"]
+    try:
+        run(go())
+    finally:
+        server.stop()
+
+
+def test_channel_join_refuses_a_token_policy():
+    port = free_port()
+    server = Plaza(f"""
+ping_interval_secs = 0
+[auth]
+hmac_secret = "{SECRET}"
+[namespaces.rsocket]
+client_join = true
+subscribe = "token"
+[rsocket]
+tcp_listen = "127.0.0.1:{port}"
+open_login = true
+""")
+    server.rsocket_port = port
+
+    async def go():
+        async with await connect(server, "tcp") as c:
+            await rr(c, b"tokuser", "login")
+            with pytest.raises(RuntimeError, match="permission denied"):
+                await rr(c, b"secret", "channel.join")
+            assert await stream(c, b"", "channels") == []
+    try:
+        run(go())
+    finally:
+        server.stop()
+
+
+# ----- R9: the tutorial's final client flow -----
+#
+# The tutorial's own scripts (rsocket-py examples/tutorial) are not vendored here; this client is
+# written the way its step 8 ChatClient is (same calls, same payloads, same order in main()), and
+# runs over TCP (steps 3-7, reactivex) and WebSocket /chat (step 8).
+
+class TutorialChatClient:
+    def __init__(self, rsocket):
+        self._rsocket = rsocket
+        self._username = None
+        self.received = []
+
+    async def login(self, username):
+        self._username = username
+        response = await self._rsocket.request_response(Payload(username.encode(), composite(route("login"))))
+        return response.data.decode()
+
+    async def join(self, channel_name):
+        await self._rsocket.request_response(Payload(channel_name.encode(), composite(route("channel.join"))))
+
+    async def leave(self, channel_name):
+        await self._rsocket.request_response(Payload(channel_name.encode(), composite(route("channel.leave"))))
+
+    def listen_for_messages(self):
+        client = self
+
+        class MessageListener(DefaultSubscriber, DefaultSubscription):
+            def on_next(self, value, is_complete=False):
+                client.received.append(json.loads(value.data))
+
+            def cancel(self):
+                self.subscription.cancel()
+
+        listener = MessageListener()
+        self._rsocket.request_stream(Payload(metadata=composite(route("messages.incoming")))).subscribe(listener)
+        return listener
+
+    async def send_statistics(self):
+        import resource
+        memory_usage = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        await self._rsocket.fire_and_forget(Payload(json.dumps({"memory_usage": memory_usage}).encode(),
+                                                    metadata=composite(route("statistics"))))
+
+    def listen_for_statistics(self):
+        return listen_for_statistics(self._rsocket)
+
+    async def private_message(self, username, content):
+        await self._rsocket.request_response(Payload(
+            json.dumps({"user": username, "content": content, "channel": None}).encode(), composite(route("message"))))
+
+    async def channel_message(self, channel, content):
+        await self._rsocket.request_response(Payload(
+            json.dumps({"user": None, "content": content, "channel": channel}).encode(), composite(route("message"))))
+
+    async def upload(self, file_name, content):
+        await upload(self._rsocket, file_name, content)
+
+    async def download(self, file_name):
+        return await download(self._rsocket, file_name)
+
+    async def list_files(self):
+        return await stream(self._rsocket, b"", "files")
+
+    async def list_channels(self):
+        return await stream(self._rsocket, b"", "channels")
+
+    async def list_channel_users(self, channel_name):
+        return await stream(self._rsocket, channel_name.encode(), "channel.users")
+
+
+@TRANSPORTS
+def test_r9_tutorial_client_flow(rs, transport):
+    async def go():
+        async with await connect(rs, transport) as client1, await connect(rs, transport) as client2:
+            user1, user2 = TutorialChatClient(client1), TutorialChatClient(client2)
+            assert await user1.login("user1")
+            assert await user2.login("user2")
+
+            # messaging_example
+            sub1, sub2 = user1.listen_for_messages(), user2.listen_for_messages()
+            await user1.join("channel1")
+            await user2.join("channel1")
+            assert await user1.list_channels() == ["channel1"]
+            assert sorted(await user1.list_channel_users("channel1")) == ["user1", "user2"]
+            await user1.private_message("user2", "private message from user1")
+            await user1.channel_message("channel1", "channel message from user1")
+            await asyncio.sleep(1)
+            await user1.leave("channel1")
+            assert await user1.list_channel_users("channel1") == ["user2"]
+            sub1.cancel()
+            sub2.cancel()
+            assert user1.received == [
+                {"user": "user1", "content": "channel message from user1", "channel": "channel1"}]
+            assert user2.received == [
+                {"user": "user1", "content": "private message from user1", "channel": None},
+                {"user": "user1", "content": "channel message from user1", "channel": "channel1"}]
+
+            # files_example
+            await user1.upload("file_name_1.txt", b"abcdefg1234567")
+            assert await user1.list_files() == ["file_name_1.txt"]
+            assert (await user2.download("file_name_1.txt")).data == b"abcdefg1234567"
+
+            # statistics_example (shortened: 2.5 s per phase instead of 5)
+            await user1.send_statistics()
+            control = user1.listen_for_statistics()
+            await asyncio.sleep(2.5)
+            control.set_requested_statistics(["users"])
+            await asyncio.sleep(2.5)
+            control.cancel()
+            samples = [s for _, s in control.samples]
+            assert {"user_count": 2, "channel_count": 1} in samples
+            assert samples[-1] == {"user_count": 2, "channel_count": None}
+    run(go())

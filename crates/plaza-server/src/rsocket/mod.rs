@@ -8,10 +8,15 @@
 //! `client_join = true` (see README).
 
 pub mod config;
+mod files;
+mod incoming;
 mod session;
+mod stats;
 mod ws;
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::Ordering::Relaxed;
 
 use axum::Router;
 use axum::routing::get;
@@ -24,6 +29,12 @@ pub use config::RsocketConfig;
 pub struct Rsocket {
     node: Arc<Node>,
     config: Arc<RsocketConfig>,
+    /// The node's statistics timer (`statistics` request-channels).
+    stats: Arc<stats::Statistics>,
+    /// Logged-in RSocket sessions on this node (`user_count`).
+    logged_in: AtomicUsize,
+    /// Serializes `file.upload`, so `max_files` holds.
+    files_lock: tokio::sync::Mutex<()>,
 }
 
 impl Rsocket {
@@ -46,7 +57,34 @@ pub async fn start(config: &RsocketConfig, node: Arc<Node>) -> anyhow::Result<Ar
     let rs = Arc::new(Rsocket {
         node: Arc::clone(&node),
         config: Arc::new(config.clone()),
+        stats: Arc::new(stats::Statistics::default()),
+        logged_in: AtomicUsize::new(0),
+        files_lock: tokio::sync::Mutex::new(()),
     });
+    let weak = Arc::downgrade(&rs);
+    tokio::spawn(Arc::clone(&rs.stats).run(move || {
+        let rs = weak.upgrade();
+        async move {
+            let Some(rs) = rs else {
+                return stats::Counts {
+                    users: 0,
+                    channels: 0,
+                };
+            };
+            let prefix = format!("{}:", rs.config.channel_namespace);
+            let channels = match rs.node.chat.all_groups(session::MAX_CHANNELS).await {
+                Ok(groups) => groups.iter().filter(|g| g.starts_with(&prefix)).count(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "rsocket statistics: groups not read");
+                    0
+                }
+            };
+            stats::Counts {
+                users: rs.logged_in.load(Relaxed),
+                channels,
+            }
+        }
+    }));
     let Some(addr) = config.tcp_listen else {
         return Ok(rs);
     };
@@ -54,17 +92,16 @@ pub async fn start(config: &RsocketConfig, node: Arc<Node>) -> anyhow::Result<Ar
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {addr} for rsocket: {e}"))?;
     tracing::info!(addr = %listener.local_addr()?, "rsocket TCP listener bound");
-    let config = Arc::clone(&rs.config);
+    let weak = Arc::downgrade(&rs);
     tokio::spawn(async move {
         loop {
             match listener.accept().await {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
-                    let node = Arc::clone(&node);
-                    let config = Arc::clone(&config);
+                    let Some(rs) = weak.upgrade() else { return };
                     tokio::spawn(async move {
                         tracing::debug!(%peer, "rsocket connection");
-                        session::run_tcp(stream, node, config).await;
+                        session::run_tcp(stream, rs).await;
                     });
                 }
                 Err(e) => {

@@ -18,9 +18,9 @@ pub async fn upgrade(State(rs): State<Arc<Rsocket>>, ws: WebSocketUpgrade) -> Re
 
 async fn run(socket: WebSocket, rs: Arc<Rsocket>) {
     let (mut sink, mut stream) = socket.split();
-    let (mut inbound, mut rx) = Inbound::new(Arc::clone(&rs.node), Arc::clone(&rs.config));
+    let (mut inbound, mut rx) = Inbound::new(rs);
     let writer = tokio::spawn(async move {
-        while let Some(Some(frame)) = rx.recv().await {
+        while let Some(frame) = rx.recv().await {
             let bytes = match frame.to_bytes() {
                 Ok(b) => b,
                 Err(e) => {
@@ -34,9 +34,27 @@ async fn run(socket: WebSocket, rs: Arc<Rsocket>) {
         }
         let _ = sink.close().await;
     });
-    while let Some(Ok(message)) = stream.next().await {
+    loop {
+        let next = tokio::select! {
+            biased;
+            () = inbound.closing() => break,
+            next = tokio::time::timeout_at(inbound.deadline(), stream.next()) => next,
+        };
+        let message = match next {
+            Err(_elapsed) => {
+                inbound.timed_out();
+                break;
+            }
+            Ok(Some(Ok(message))) => message,
+            Ok(_) => break,
+        };
         match message {
-            Message::Binary(bytes) if inbound.feed(bytes.clone()) == Flow::Close => break,
+            Message::Binary(bytes) => {
+                let flow = inbound.feed(bytes);
+                if flow == Flow::Close {
+                    break;
+                }
+            }
             Message::Close(_) => break,
             _ => {}
         }
