@@ -209,7 +209,7 @@ pub async fn run(args: ChatArgs, threads: usize) -> Result<ChatReport> {
         &mut pool,
         ConnectSpec {
             peer: &peer,
-            target: &ws_target,
+            targets: std::slice::from_ref(&ws_target),
             channel: &|i| room_name(i / k),
             count: n,
             concurrency: args.connect_concurrency,

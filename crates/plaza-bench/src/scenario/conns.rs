@@ -130,7 +130,7 @@ pub async fn run(args: ConnsArgs, _threads: usize) -> Result<ConnsReport> {
         &mut pool,
         ConnectSpec {
             peer: &peer,
-            target: &ws_target,
+            targets: std::slice::from_ref(&ws_target),
             channel: &move |i| format!("{prefix}{i}"),
             count: args.connections,
             concurrency: args.connect_concurrency,

@@ -82,6 +82,10 @@ pub struct FanoutArgs {
     /// Seconds between progress lines on stderr (0: none).
     #[arg(long, default_value_t = 1.0)]
     pub progress_secs: f64,
+    /// More subscriber endpoints (other nodes of one Plaza cluster): subscribers are spread
+    /// round-robin over `--ws` and these. Repeatable.
+    #[arg(long = "also-ws", value_name = "URL")]
+    pub also_ws: Vec<String>,
 }
 
 impl FanoutArgs {
@@ -558,7 +562,8 @@ impl ReaderPool {
 /// What to connect.
 pub(crate) struct ConnectSpec<'a> {
     pub peer: &'a Arc<dyn SubscriberPeer>,
-    pub target: &'a WsTarget,
+    /// The i-th connection goes to `targets[i % len]` (at least one).
+    pub targets: &'a [WsTarget],
     /// The channel of the i-th connection.
     pub channel: &'a (dyn Fn(u64) -> String + Sync),
     pub count: u64,
@@ -603,7 +608,8 @@ pub(crate) async fn connect_subscribers(pool: &mut ReaderPool, spec: ConnectSpec
     let handshake_timeout = Duration::from_secs(10);
     let mut handshakes = futures_util::stream::iter(0..spec.count)
         .map(|i| {
-            let (peer, target, channel) = (spec.peer.clone(), spec.target, (spec.channel)(i));
+            let target = &spec.targets[usize::try_from(i).unwrap_or(0) % spec.targets.len().max(1)];
+            let (peer, channel) = (spec.peer.clone(), (spec.channel)(i));
             let (live, publications, read_buffer) =
                 (spec.live.clone(), spec.publications, spec.read_buffer);
             let sender = spec.sender.and_then(|f| f(i));
@@ -693,13 +699,16 @@ pub async fn run(args: FanoutArgs, threads: usize) -> Result<FanoutReport> {
     let mut pool = ReaderPool::new(args.reader_tasks);
 
     // 1. Connect and subscribe.
-    let ws_target = WsTarget::parse(&args.target.ws)?;
+    let mut targets = vec![WsTarget::parse(&args.target.ws)?];
+    for url in &args.also_ws {
+        targets.push(WsTarget::parse(url)?);
+    }
     let channel = args.channel.clone();
     let conn = connect_subscribers(
         &mut pool,
         ConnectSpec {
             peer: &peer,
-            target: &ws_target,
+            targets: &targets,
             channel: &move |_| channel.clone(),
             count: args.subscribers,
             concurrency: args.connect_concurrency,

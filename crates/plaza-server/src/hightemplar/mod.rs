@@ -237,6 +237,16 @@ impl HighTemplar {
             &channel,
             Subscriber::with_frames(Arc::clone(&c.conn), frames),
         );
+        if self.node.hub.subscriber_count(&channel) == 1 {
+            // HTTP triggers reach other nodes' rooms through the broker. High-templar delivers
+            // at most once, so the subscription is not waited for.
+            let broker = Arc::clone(&self.node.broker);
+            tokio::spawn(async move {
+                if let Err(e) = broker.subscribe(channel).await {
+                    tracing::warn!(error = %e, "room not subscribed at the broker");
+                }
+            });
+        }
     }
 
     /// Removes the first subscription of `c` with `request_id`; `false` if there is none.
@@ -270,6 +280,15 @@ impl HighTemplar {
             *n = n.saturating_sub(1);
             *n == 0
         });
+        if self.node.hub.subscriber_count(channel) == 0 {
+            // The broker checks again that nobody rejoined before it lets go.
+            let (broker, channel) = (Arc::clone(&self.node.broker), Arc::clone(channel));
+            tokio::spawn(async move {
+                if let Err(e) = broker.unsubscribe(channel).await {
+                    tracing::warn!(error = %e, "room not unsubscribed at the broker");
+                }
+            });
+        }
     }
 
     /// Counts `c` as open.
