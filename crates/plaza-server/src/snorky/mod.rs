@@ -142,9 +142,10 @@ impl Snorky {
             chats: DashMap::new(),
             cursors: Mutex::default(),
         });
-        if config.ping_interval_secs > 0 {
-            tokio::spawn(ping(Arc::downgrade(&snorky), config.ping_interval_secs));
-        }
+        tokio::spawn(keepalive(
+            Arc::downgrade(&snorky),
+            config.ping_interval_secs,
+        ));
         Ok(snorky)
     }
 
@@ -331,9 +332,13 @@ impl Snorky {
     }
 }
 
+/// Ticks between two visits of a connection to free its idle queue buffer.
+const RELEASE_EVERY: u64 = 10;
+
 /// One timer for every Snorky connection: each gets an empty WebSocket ping once per
-/// `every` seconds (connections spread over the interval by id).
-async fn ping(snorky: Weak<Snorky>, every: u64) {
+/// `every` seconds (0: never; connections spread over the interval by id), and the queue
+/// buffer a connection kept after a burst is freed once it is quiet.
+async fn keepalive(snorky: Weak<Snorky>, every: u64) {
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut tick: u64 = 0;
@@ -344,7 +349,13 @@ async fn ping(snorky: Weak<Snorky>, every: u64) {
             return;
         };
         for conn in snorky.clients.iter() {
-            if conn.id % every == tick % every && !conn.is_closing() {
+            if conn.is_closing() {
+                continue;
+            }
+            if conn.id % RELEASE_EVERY == tick % RELEASE_EVERY {
+                conn.release_idle_buffer();
+            }
+            if every > 0 && conn.id % every == tick % every {
                 conn.push_ping();
             }
         }
