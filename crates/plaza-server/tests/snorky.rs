@@ -1339,6 +1339,9 @@ async fn s13_pings_origins_and_binary_frames() {
     good.headers_mut()
         .insert("Origin", "http://ok.example".parse().unwrap());
     assert!(tokio_tungstenite::connect_async(good).await.is_ok());
+    // A plain GET on the WebSocket path is a 400, as Tornado answers it.
+    let (status, _) = common::http(server.public, "GET", "/ws", None, None).await;
+    assert_eq!(status, 400);
     // A bad connection token is refused before the upgrade.
     let refused = tokio_tungstenite::connect_async(format!("ws://{}/ws?token=nope", server.public))
         .await
