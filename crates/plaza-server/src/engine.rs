@@ -2,7 +2,6 @@
 //! local broker (one node, the default), or Redis for both (many nodes, docs/SCALING.md).
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context as _;
 use plaza_broker::{Broker, LocalBroker};
@@ -141,7 +140,7 @@ async fn open_redis(
         url: redis.url.clone(),
         prefix: redis.prefix.clone(),
         node_id: node_id.to_owned(),
-        presence_ttl: Duration::from_secs(redis.presence_ttl_secs),
+        presence_ttl: std::time::Duration::from_secs(redis.presence_ttl_secs),
     };
     let (store, broker) = plaza_broker::redis::connect(options, hub)
         .await

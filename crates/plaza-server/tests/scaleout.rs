@@ -435,12 +435,11 @@ async fn redis_restart_mid_run() {
     let first = loop {
         n += 1;
         let (status, _) = b.publish("plain", json!({"n": n})).await;
-        if status == 200 {
-            if let Ok(push) =
+        if status == 200
+            && let Ok(push) =
                 tokio::time::timeout(Duration::from_millis(300), plain_sub.next_push()).await
-            {
-                break push;
-            }
+        {
+            break push;
         }
         assert!(
             Instant::now() < deadline,
