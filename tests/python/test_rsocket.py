@@ -824,3 +824,18 @@ def test_r9_tutorial_client_flow(rs, transport):
             assert {"user_count": 2, "channel_count": 1} in samples
             assert samples[-1] == {"user_count": 2, "channel_count": None}
     run(go())
+
+
+def test_a_stream_id_in_use_is_a_connection_error(rs):
+    s = raw(rs)
+    s.sendall(setup_frame())
+    s.sendall(frame(1, 0x04, 0x100, with_metadata(routed("login"), b"dupuser")))
+    assert read_frame(s)[0] == 1
+    incoming = frame(3, 0x06, 0x100, struct.pack(">I", 10) + with_metadata(routed("messages.incoming"), b""))
+    s.sendall(incoming + incoming)
+    stream_id, ftype, _, body = read_frame(s)
+    assert (stream_id, ftype) == (0, 0x0B)
+    assert struct.unpack(">I", body[:4])[0] == 0x101
+    assert b"already in use" in body[4:]
+    assert s.recv(1) == b""  # closed
+    s.close()

@@ -74,6 +74,7 @@ struct Attached {
     conn: Arc<ConnHandle>,
     subscriber: Arc<Subscriber>,
     queue: Queue,
+    detached: bool,
 }
 
 impl Attached {
@@ -97,6 +98,7 @@ impl Attached {
             conn,
             subscriber,
             queue,
+            detached: false,
         };
         if node.hub.subscriber_count(&key) == 1 {
             node.broker
@@ -108,15 +110,42 @@ impl Attached {
     }
 }
 
+impl Attached {
+    /// Unsubscribes, waiting for the broker, so a following attach cannot be overtaken by this
+    /// unsubscribe.
+    async fn detach(mut self) {
+        self.detached = true;
+        let hub = &self.node.hub;
+        hub.unsubscribe(self.inbox.as_str(), self.conn.id);
+        if hub.subscriber_count(self.inbox.as_str()) == 0
+            && let Err(e) = self
+                .node
+                .broker
+                .unsubscribe(Arc::clone(self.inbox.as_arc()))
+                .await
+        {
+            tracing::warn!(error = %e, "broker unsubscribe failed");
+        }
+    }
+}
+
+/// The stream ended without [`Attached::detach`] (CANCEL aborted its task): unsubscribe now,
+/// and the broker later if nobody else subscribed meanwhile.
 impl Drop for Attached {
     fn drop(&mut self) {
+        if self.detached {
+            return;
+        }
         let hub = &self.node.hub;
         hub.unsubscribe(self.inbox.as_str(), self.conn.id);
         if hub.subscriber_count(self.inbox.as_str()) == 0 {
-            let broker = Arc::clone(&self.node.broker);
+            let node = Arc::clone(&self.node);
             let key = Arc::clone(self.inbox.as_arc());
             tokio::spawn(async move {
-                if let Err(e) = broker.unsubscribe(key).await {
+                if node.hub.subscriber_count(&key) > 0 {
+                    return;
+                }
+                if let Err(e) = node.broker.unsubscribe(key).await {
                     tracing::warn!(error = %e, "broker unsubscribe failed");
                 }
             });
@@ -166,6 +195,7 @@ pub(super) async fn run(session: &Session, stream_id: u32, gate: &Gate) -> Resul
                 .map_err(|e| e.message)?;
         }
         live(session, stream_id, gate, &mut attached, &mut last).await?;
+        attached.detach().await;
         tracing::debug!(
             stream_id,
             "messages.incoming: queue overflowed while waiting for credit; attaching again"

@@ -9,7 +9,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::AtomicUsize;
-use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed};
+use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -265,14 +265,17 @@ impl Inbound {
     /// Ends every stream and tells the writer to flush and close.
     pub(super) fn finish(self) {
         self.session.cancel_all();
-        if self
-            .session
-            .user
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .is_some()
         {
-            self.session.rs.logged_in.fetch_sub(1, Relaxed);
+            // Under the user lock, so a login finishing on another thread counts consistently.
+            let user = self
+                .session
+                .user
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            self.session.closed.store(true, Release);
+            if user.is_some() {
+                self.session.rs.logged_in.fetch_sub(1, Relaxed);
+            }
         }
         let _ = self.session.out.send(None);
     }
@@ -554,6 +557,16 @@ impl Session {
         };
         {
             let mut streams = self.streams.lock().unwrap_or_else(PoisonError::into_inner);
+            if streams.contains_key(&stream_id) {
+                drop(streams);
+                self.send(Frame::error(
+                    0,
+                    ErrorCode::CONNECTION_ERROR,
+                    &format!("stream id {stream_id} is already in use"),
+                ));
+                self.close();
+                return;
+            }
             if streams.len() >= MAX_STREAMS {
                 drop(streams);
                 if kind != Kind::Fnf {
@@ -854,14 +867,14 @@ impl Session {
                 .user
         };
         node.chat.register_user(&user).await.map_err(app_error)?;
-        let previous = self
-            .user
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .replace(user);
-        if previous.is_none() {
+        let mut current = self.user.lock().unwrap_or_else(PoisonError::into_inner);
+        if self.closed.load(Acquire) {
+            return Err("the connection is closing".into());
+        }
+        if current.replace(user).is_none() {
             self.rs.logged_in.fetch_add(1, Relaxed);
         }
+        drop(current);
         Ok(Bytes::from(session_id()?))
     }
 
