@@ -839,3 +839,50 @@ def test_a_stream_id_in_use_is_a_connection_error(rs):
     assert b"already in use" in body[4:]
     assert s.recv(1) == b""  # closed
     s.close()
+
+
+def test_messages_incoming_survives_its_queue_overflowing_while_without_credit():
+    """A small queue (2 KiB) overflows while the stream has no credit; once credit comes, every
+    message arrives once, in order (the stream attaches again from what it acknowledged)."""
+    port = free_port()
+    server = Plaza(f"""
+ping_interval_secs = 0
+[limits]
+max_queue_bytes = 2048
+[namespaces.rsocket]
+client_join = true
+[rsocket]
+tcp_listen = "127.0.0.1:{port}"
+open_login = true
+""")
+    server.rsocket_port = port
+    try:
+        s = raw(server)
+        s.sendall(setup_frame())
+        s.sendall(frame(1, 0x04, 0x100, with_metadata(routed("login"), b"ovuser")))
+        assert read_frame(s)[0] == 1
+        s.sendall(frame(3, 0x06, 0x100, struct.pack(">I", 1) + with_metadata(routed("messages.incoming"), b"")))
+        __import__("time").sleep(0.3)
+
+        async def send_many():
+            async with await connect(server, "tcp") as c:
+                await rr(c, b"ovsender", "login")
+                for i in range(60):
+                    content = f"m{i}-" + "x" * 100
+                    await rr(c, json.dumps({"user": "ovuser", "content": content, "channel": None}).encode(), "message")
+        run(send_many())
+        first = json.loads(read_frame(s)[3])["content"]
+        assert first.startswith("m0-")
+        s.settimeout(0.5)
+        with pytest.raises(socket.timeout):
+            read_frame(s)
+        s.settimeout(10)
+        s.sendall(frame(3, 0x08, 0, struct.pack(">I", 1000)))
+        got = [json.loads(read_frame(s)[3])["content"].split("-")[0] for _ in range(59)]
+        assert got == [f"m{i}" for i in range(1, 60)]
+        s.settimeout(0.5)
+        with pytest.raises(socket.timeout):
+            read_frame(s)  # no duplicates
+        s.close()
+    finally:
+        server.stop()
