@@ -889,3 +889,35 @@ open_login = true
         s.close()
     finally:
         server.stop()
+
+
+def test_a_client_that_does_not_read_is_closed(rs):
+    """40 downloads of 1 MiB requested, nothing read: the unsent frames pass the connection's
+    limit (max_queue_bytes + 2 x max_file_size), so the server closes it rather than buffer
+    40 MiB."""
+    import time
+    name = b"big.bin"
+    file_entry = bytes([len(FILE_NAME_MIME) - 1]) + FILE_NAME_MIME + len(name).to_bytes(3, "big") + name
+
+    s = raw(rs)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    s.sendall(setup_frame())
+    s.sendall(frame(1, 0x04, 0x100, with_metadata(routed("login"), b"slowreader")))
+    assert read_frame(s)[0] == 1
+    s.sendall(frame(3, 0x04, 0x100, with_metadata(routed("file.upload") + file_entry, b"z" * (1024 * 1024))))
+    assert read_frame(s)[:2] == (3, 0x0A)
+    for i in range(40):
+        s.sendall(frame(5 + 2 * i, 0x04, 0x100, with_metadata(routed("file.download") + file_entry, b"")))
+    time.sleep(4)
+    received = 0
+    s.settimeout(10)
+    while True:
+        try:
+            chunk = s.recv(1 << 20)
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        received += len(chunk)
+    assert received < 20 * 1024 * 1024, received
+    s.close()

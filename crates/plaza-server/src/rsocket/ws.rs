@@ -60,5 +60,12 @@ async fn run(socket: WebSocket, rs: Arc<Rsocket>) {
         }
     }
     inbound.finish();
-    let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+    // A client that does not read would hold the writer (and the socket) forever.
+    let abort = writer.abort_handle();
+    if tokio::time::timeout(Duration::from_secs(2), writer)
+        .await
+        .is_err()
+    {
+        abort.abort();
+    }
 }
