@@ -1,6 +1,8 @@
-"""RSocket chat (issue 11) with the real PyPI `rsocket` 0.4.20 client over TCP, written the way
-the rsocket-py chat tutorial's client is (RSocketClient, composite(route(...)), AwaitableRSocket,
-TransportTCP), plus a few raw-frame checks (SETUP refusals, KEEPALIVE echo, REQUEST_N credit)."""
+"""RSocket chat (issue 11) with the real PyPI `rsocket` 0.4.20 client over TCP and WebSocket,
+written the way the rsocket-py chat tutorial's client is (RSocketClient, composite(route(...)),
+AwaitableRSocket, TransportTCP, the aiohttp transport): R2-R7 and R9's flow, statistics, files,
+hub-pushed messages.incoming; plus raw-frame checks (SETUP refusals, KEEPALIVE echo and timeout,
+REQUEST_N credit, stream ids, a client that does not read)."""
 
 import asyncio
 import json
