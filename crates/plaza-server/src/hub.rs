@@ -26,7 +26,8 @@ pub struct Subscriber {
     /// Set while the subscription is being set up from history: live publications wait in
     /// `parked` until the recovered ones are queued ahead of them.
     parking: AtomicBool,
-    parked: Mutex<Option<Vec<(u64, Utf8Bytes)>>>,
+    /// `(offset, frame)`; no frame for an entry this subscriber skips (its offset still counts).
+    parked: Mutex<Option<Vec<(u64, Option<Utf8Bytes>)>>>,
     /// Set for protocols whose publication frame differs per subscription (High-templar puts
     /// the subscription's requestId in it): they encode their own frames.
     frames: Option<Arc<dyn SubscriptionFrames>>,
@@ -111,7 +112,9 @@ impl Subscriber {
         for (offset, frame) in parked.take().unwrap_or_default() {
             if offset > last_offset {
                 self.last_offset.store(offset, Release);
-                queued += usize::from(self.conn.push_text(frame).is_ok());
+                if let Some(frame) = frame {
+                    queued += usize::from(self.conn.push_text(frame).is_ok());
+                }
             }
         }
         self.parking.store(false, Release);
@@ -122,8 +125,11 @@ impl Subscriber {
     fn skip(&self, offset: Option<u64>) {
         let Some(offset) = offset else { return };
         if self.parking.load(Acquire) {
-            // Parked entries are compared with the backlog's top when released; nothing to keep.
-            return;
+            let mut parked = self.parked.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(list) = parked.as_mut() {
+                list.push((offset, None));
+                return;
+            }
         }
         if offset > self.last_offset.load(Acquire) {
             self.advance(offset);
@@ -135,7 +141,7 @@ impl Subscriber {
         if self.parking.load(Acquire) {
             let mut parked = self.parked.lock().unwrap_or_else(PoisonError::into_inner);
             if let Some(list) = parked.as_mut() {
-                list.push((offset.unwrap_or(0), frame.clone()));
+                list.push((offset.unwrap_or(0), Some(frame.clone())));
                 return false;
             }
         }
