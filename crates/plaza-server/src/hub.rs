@@ -17,6 +17,10 @@ use plaza_store::AppendListener;
 use crate::conn::ConnHandle;
 use crate::metrics::Metrics;
 
+/// A publication held back while a subscriber is parked: `(offset, frame)`, without a frame for
+/// an entry the subscriber skips (its offset still counts).
+type Parked = (u64, Option<Utf8Bytes>);
+
 /// One connection's subscription to one channel.
 pub struct Subscriber {
     pub conn: Arc<ConnHandle>,
@@ -26,8 +30,7 @@ pub struct Subscriber {
     /// Set while the subscription is being set up from history: live publications wait in
     /// `parked` until the recovered ones are queued ahead of them.
     parking: AtomicBool,
-    /// `(offset, frame)`; no frame for an entry this subscriber skips (its offset still counts).
-    parked: Mutex<Option<Vec<(u64, Option<Utf8Bytes>)>>>,
+    parked: Mutex<Option<Vec<Parked>>>,
     /// Set for protocols whose publication frame differs per subscription (High-templar puts
     /// the subscription's requestId in it): they encode their own frames.
     frames: Option<Arc<dyn SubscriptionFrames>>,
