@@ -350,3 +350,85 @@ impl AppendListener for Hub {
         self.fan_out(channel, Some(position), payload);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use std::time::Instant;
+
+    /// Sends odd offsets, skips even ones (an inbox entry for someone else, say).
+    struct OddOnly;
+
+    impl EntryEncoder for OddOnly {
+        fn encode(&self, offset: Option<u64>, _: &Payload) -> Option<Utf8Bytes> {
+            offset
+                .filter(|o| o % 2 == 1)
+                .map(|o| Utf8Bytes::from(o.to_string()))
+        }
+    }
+
+    /// A connection, and its queue (kept, unread, for as long as the test runs).
+    fn conn(id: ConnId) -> (Arc<ConnHandle>, crate::conn::Queue) {
+        let (handle, queue) = ConnHandle::new(id, 1 << 20, Instant::now());
+        (Arc::new(handle), queue)
+    }
+
+    fn append(hub: &Hub, offset: u64) {
+        let position = Position {
+            epoch: "e".into(),
+            offset,
+        };
+        hub.appended("s", &position, &Payload::from_json_text("1").unwrap());
+    }
+
+    #[test]
+    fn an_entry_skipped_while_parked_is_no_gap_later() {
+        let hub = Hub::default();
+        let (c, _queue) = conn(1);
+        let sub = Subscriber::parked_with_encoder(Arc::clone(&c), Arc::new(OddOnly));
+        hub.subscribe(&Arc::from("s"), Arc::clone(&sub));
+        append(&hub, 1);
+        append(&hub, 2);
+        sub.unpark(Vec::new(), 0);
+        append(&hub, 3);
+        append(&hub, 4);
+        append(&hub, 5);
+        assert_eq!(c.close_code(), None);
+    }
+
+    #[test]
+    fn a_jump_in_offsets_closes_with_resync() {
+        let hub = Hub::default();
+        let (c, _queue) = conn(1);
+        let sub = Subscriber::parked(Arc::clone(&c));
+        hub.subscribe(&Arc::from("s"), Arc::clone(&sub));
+        sub.unpark(Vec::new(), 0);
+        append(&hub, 1);
+        assert_eq!(c.close_code(), None);
+        append(&hub, 3);
+        assert_eq!(c.close_code(), Some(CloseCode::Resync));
+    }
+
+    #[test]
+    fn a_gap_closes_the_subscribers_behind_the_top() {
+        let hub = Hub::default();
+        let ((ahead, _q1), (behind, _q2)) = (conn(1), conn(2));
+        let channel: Arc<str> = Arc::from("s");
+        for (c, last) in [(&ahead, 5), (&behind, 3)] {
+            let sub = Subscriber::parked(Arc::clone(c));
+            hub.subscribe(&channel, Arc::clone(&sub));
+            sub.unpark(Vec::new(), last);
+        }
+        let top = Position {
+            epoch: "e".into(),
+            offset: 5,
+        };
+        hub.gap("s", Some(&top), false);
+        assert_eq!(ahead.close_code(), None);
+        assert_eq!(behind.close_code(), Some(CloseCode::Resync));
+        hub.gap("s", Some(&top), true);
+        assert_eq!(ahead.close_code(), Some(CloseCode::Resync));
+    }
+}

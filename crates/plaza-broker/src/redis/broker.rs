@@ -33,6 +33,8 @@ const NODE_NUMBERS: u64 = 1 << (53 - CONN_ID_BITS);
 pub struct RedisBroker {
     conn: ConnectionManager,
     keys: Keys,
+    /// `keys.channel("")`: stripped from every pub/sub message's channel, so computed once.
+    channel_prefix: String,
     sink: Arc<dyn PublicationSink>,
     store: Arc<RedisStore>,
     node_id: String,
@@ -77,6 +79,7 @@ impl RedisBroker {
             .map_err(unavailable)?;
         let broker = Arc::new(Self {
             conn,
+            channel_prefix: keys.channel(""),
             keys,
             sink,
             store,
@@ -152,7 +155,7 @@ impl RedisBroker {
 
     /// Handles one pub/sub message (formats in [`scripts`]).
     fn dispatch(&self, redis_channel: &str, message: &[u8]) {
-        let Some(stream) = redis_channel.strip_prefix(&self.keys.channel("")) else {
+        let Some(stream) = redis_channel.strip_prefix(self.channel_prefix.as_str()) else {
             return;
         };
         let Ok(message) = std::str::from_utf8(message) else {

@@ -117,8 +117,11 @@ fn offset(value: &Value) -> Option<u64> {
 }
 
 /// A payload this store wrote: JSON text already validated when it was published.
-fn payload(value: &Value) -> Option<Payload> {
-    text(value).map(Payload::from_trusted)
+fn payload(value: Value) -> Option<Payload> {
+    match value {
+        Value::BulkString(b) => String::from_utf8(b).ok().map(Payload::from_trusted),
+        _ => None,
+    }
 }
 
 struct Writer {
@@ -336,8 +339,9 @@ impl Store for RedisStore {
             ) else {
                 return Err(corrupt("a read"));
             };
-            let publications = reply[4..]
-                .iter()
+            let publications = reply
+                .into_iter()
+                .skip(4)
                 .zip(from..)
                 .map(|(value, offset)| payload(value).map(|p| (offset, p)))
                 .collect::<Option<Vec<_>>>()
