@@ -12,8 +12,12 @@ use std::sync::Arc;
 use plaza_core::{ClientInfo, ConnId, Publication};
 
 mod local;
+#[cfg(feature = "nats")]
+pub mod nats;
 #[cfg(feature = "redis")]
 pub mod redis;
+#[cfg(any(feature = "redis", feature = "nats"))]
+mod shared;
 
 pub use local::LocalBroker;
 

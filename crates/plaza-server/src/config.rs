@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::auth::AuthConfig;
 use crate::bachata::BachataConfig;
 use crate::chat::ChatConfig;
-use crate::engine::{BrokerKind, RedisConfig};
+use crate::engine::{BrokerKind, NatsConfig, RedisConfig};
 use crate::hightemplar::HighTemplarConfig;
 use crate::live::LiveConfig;
 use crate::node::Settings;
@@ -32,10 +32,13 @@ pub struct Config {
     pub backend_listen: SocketAddr,
     /// Where Plaza keeps its files (the generated backend key, the embedded store).
     pub data_dir: PathBuf,
-    /// `local` (one node, the embedded store) or `redis` (many nodes sharing one Redis).
+    /// `local` (one node, the embedded store), `redis` or `nats` (many nodes sharing one Redis
+    /// or one NATS with JetStream).
     pub broker: BrokerKind,
     /// Redis, for `broker = "redis"`.
     pub redis: RedisConfig,
+    /// NATS, for `broker = "nats"`.
+    pub nats: NatsConfig,
     /// The backend API key. Generated into `data_dir/backend.key` when unset.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub backend_key: Option<String>,
@@ -94,6 +97,7 @@ impl Default for Config {
             data_dir: PathBuf::from("plaza-data"),
             broker: BrokerKind::Local,
             redis: RedisConfig::default(),
+            nats: NatsConfig::default(),
             backend_key: None,
             native_path: "/plaza/ws".into(),
             ping_interval_secs: 25,
@@ -132,7 +136,7 @@ pub struct Overrides {
     /// Data directory.
     #[arg(long, env = "PLAZA_DATA_DIR", value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Broker: local (one node) or redis (many nodes).
+    /// Broker: local (one node), redis or nats (many nodes).
     #[arg(long, env = "PLAZA_BROKER", value_name = "KIND")]
     pub broker: Option<BrokerKind>,
     /// Redis URL, for the redis broker.
@@ -143,6 +147,14 @@ pub struct Overrides {
         hide_env_values = true
     )]
     pub redis_url: Option<String>,
+    /// NATS URL, for the nats broker.
+    #[arg(
+        long,
+        env = "PLAZA_NATS_URL",
+        value_name = "URL",
+        hide_env_values = true
+    )]
+    pub nats_url: Option<String>,
     /// Backend API key.
     #[arg(
         long,
@@ -227,6 +239,9 @@ impl Config {
         if let Some(v) = &o.redis_url {
             self.redis.url = v.clone();
         }
+        if let Some(v) = &o.nats_url {
+            self.nats.url = v.clone();
+        }
         if let Some(v) = &o.native_path {
             self.native_path = v.clone();
         }
@@ -247,7 +262,7 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |m: String| Err(ConfigError::Invalid(m));
         self.limits.validate().map_err(ConfigError::Invalid)?;
-        crate::engine::validate(self.broker, &self.redis).map_err(ConfigError::Invalid)?;
+        crate::engine::validate(self.broker, &self.redis, &self.nats).map_err(ConfigError::Invalid)?;
         self.namespaces()
             .validate()
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
@@ -405,6 +420,7 @@ impl Config {
         shown.auth = shown.auth.redacted();
         shown.hightemplar = shown.hightemplar.map(|h| h.redacted());
         shown.redis.url = crate::engine::redacted(&shown.redis.url);
+        shown.nats.url = crate::engine::redacted(&shown.nats.url);
         toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
     }
 }

@@ -1,5 +1,6 @@
 //! Where a node's state lives and how it reaches the other nodes: the embedded store with the
-//! local broker (one node, the default), or Redis for both (many nodes, docs/SCALING.md).
+//! local broker (one node, the default), or Redis or NATS for both (many nodes,
+//! docs/SCALING.md).
 
 use std::sync::Arc;
 
@@ -20,7 +21,8 @@ pub enum BrokerKind {
     Local,
     /// Many nodes sharing one Redis server for fan-out, history, inboxes and presence.
     Redis,
-    /// Many nodes through NATS with JetStream: not built yet (refused by `validate`).
+    /// Many nodes through NATS with JetStream: core subjects for fan-out, one JetStream log for
+    /// history, inboxes and chat records, presence in a JetStream stream.
     Nats,
 }
 
@@ -31,7 +33,7 @@ impl std::str::FromStr for BrokerKind {
             "local" => Ok(Self::Local),
             "redis" => Ok(Self::Redis),
             "nats" => Ok(Self::Nats),
-            _ => Err(format!("unknown broker '{s}' (local, redis)")),
+            _ => Err(format!("unknown broker '{s}' (local, redis, nats)")),
         }
     }
 }
@@ -59,12 +61,56 @@ impl Default for RedisConfig {
     }
 }
 
+/// `[nats]`: used with `broker = "nats"`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NatsConfig {
+    /// `nats://[user:password@]host:port`. The server must run JetStream (`nats-server -js`).
+    pub url: String,
+    /// First token of every subject and, upper-cased, of every JetStream stream name: clusters
+    /// sharing one NATS need their own. Letters, digits, `-` and `_`.
+    pub prefix: String,
+    /// Seconds a crashed node's presence entries (and its place in `/api/info` nodes) outlive
+    /// it. Live nodes refresh theirs every third of it.
+    pub presence_ttl_secs: u64,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        Self {
+            url: "nats://127.0.0.1:4222".into(),
+            prefix: "plaza".into(),
+            presence_ttl_secs: 15,
+        }
+    }
+}
+
 /// Checks the broker settings (without connecting).
-pub fn validate(kind: BrokerKind, redis: &RedisConfig) -> Result<(), String> {
+pub fn validate(kind: BrokerKind, redis: &RedisConfig, nats: &NatsConfig) -> Result<(), String> {
     match kind {
         BrokerKind::Local => Ok(()),
         BrokerKind::Nats => {
-            Err("broker = \"nats\" is not available yet; use \"redis\" to run several nodes".into())
+            if !cfg!(feature = "nats") {
+                return Err(
+                    "broker = \"nats\" needs a plaza built with the nats feature \
+                            (cargo build --release --features nats)"
+                        .into(),
+                );
+            }
+            if !(nats.url.starts_with("nats://") || nats.url.starts_with("tls://")) {
+                return Err(format!(
+                    "nats.url '{}' must start with nats:// or tls://",
+                    redacted(&nats.url)
+                ));
+            }
+            #[cfg(feature = "nats")]
+            if !plaza_broker::nats::valid_prefix(&nats.prefix) {
+                return Err("nats.prefix must be 1 to 32 letters, digits, '-' or '_'".into());
+            }
+            if !(2..=3600).contains(&nats.presence_ttl_secs) {
+                return Err("nats.presence_ttl_secs must be between 2 and 3600".into());
+            }
+            Ok(())
         }
         BrokerKind::Redis => {
             if !cfg!(feature = "redis") {
@@ -95,7 +141,7 @@ pub fn validate(kind: BrokerKind, redis: &RedisConfig) -> Result<(), String> {
 pub struct Engine {
     pub store: Arc<dyn Store>,
     pub broker: Arc<dyn Broker>,
-    /// The embedded store again, to be closed cleanly at shutdown (`None` with Redis).
+    /// The embedded store again, to be closed cleanly at shutdown (`None` with Redis or NATS).
     pub embedded: Option<Arc<RedbStore>>,
 }
 
@@ -126,8 +172,45 @@ pub async fn open(config: &Config, node_id: &str, hub: Arc<Hub>) -> anyhow::Resu
                 embedded: None,
             })
         }
-        BrokerKind::Nats => anyhow::bail!("broker = \"nats\" is not available yet"),
+        BrokerKind::Nats => {
+            let (store, broker) = open_nats(&config.nats, node_id, Arc::clone(&hub)).await?;
+            // Every node folds the write log and delivers its appends, in log order.
+            store.set_listener(hub as Arc<dyn AppendListener>);
+            Ok(Engine {
+                store,
+                broker,
+                embedded: None,
+            })
+        }
     }
+}
+
+#[cfg(feature = "nats")]
+async fn open_nats(
+    nats: &NatsConfig,
+    node_id: &str,
+    hub: Arc<Hub>,
+) -> anyhow::Result<(Arc<dyn Store>, Arc<dyn Broker>)> {
+    let options = plaza_broker::nats::NatsOptions {
+        url: nats.url.clone(),
+        prefix: nats.prefix.clone(),
+        node_id: node_id.to_owned(),
+        presence_ttl: std::time::Duration::from_secs(nats.presence_ttl_secs),
+    };
+    let (store, broker) = plaza_broker::nats::connect(options, hub)
+        .await
+        .with_context(|| format!("cannot use NATS at {}", redacted(&nats.url)))?;
+    tracing::info!(url = %redacted(&nats.url), prefix = %nats.prefix, "state shared through NATS");
+    Ok((store, broker))
+}
+
+#[cfg(not(feature = "nats"))]
+async fn open_nats(
+    _nats: &NatsConfig,
+    _node_id: &str,
+    _hub: Arc<Hub>,
+) -> anyhow::Result<(Arc<dyn Store>, Arc<dyn Broker>)> {
+    anyhow::bail!("this plaza was built without the nats feature")
 }
 
 #[cfg(feature = "redis")]
@@ -161,7 +244,13 @@ async fn open_redis(
 /// Checks that the configured broker answers (`plaza check-config`).
 pub async fn ping(config: &Config) -> Result<(), String> {
     match config.broker {
-        BrokerKind::Local | BrokerKind::Nats => Ok(()),
+        BrokerKind::Local => Ok(()),
+        #[cfg(feature = "nats")]
+        BrokerKind::Nats => plaza_broker::nats::ping(&config.nats.url)
+            .await
+            .map_err(|e| format!("NATS at {}: {e}", redacted(&config.nats.url))),
+        #[cfg(not(feature = "nats"))]
+        BrokerKind::Nats => Err("this plaza was built without the nats feature".into()),
         #[cfg(feature = "redis")]
         BrokerKind::Redis => plaza_broker::redis::ping(&config.redis.url)
             .await
@@ -197,20 +286,40 @@ mod tests {
     #[test]
     fn bad_settings_are_refused() {
         let redis = RedisConfig::default();
-        assert!(validate(BrokerKind::Local, &redis).is_ok());
-        assert!(validate(BrokerKind::Nats, &redis).is_err());
+        let nats = NatsConfig::default();
+        assert!(validate(BrokerKind::Local, &redis, &nats).is_ok());
+        assert_eq!(
+            validate(BrokerKind::Nats, &redis, &nats).is_ok(),
+            cfg!(feature = "nats")
+        );
+        for bad in [
+            NatsConfig {
+                url: "redis://x".into(),
+                ..NatsConfig::default()
+            },
+            NatsConfig {
+                prefix: "a.b".into(),
+                ..NatsConfig::default()
+            },
+            NatsConfig {
+                presence_ttl_secs: 1,
+                ..NatsConfig::default()
+            },
+        ] {
+            assert!(validate(BrokerKind::Nats, &redis, &bad).is_err(), "{bad:?}");
+        }
         let bad_url = RedisConfig {
             url: "http://x".into(),
             ..RedisConfig::default()
         };
-        assert!(validate(BrokerKind::Redis, &bad_url).is_err());
+        assert!(validate(BrokerKind::Redis, &bad_url, &nats).is_err());
         let no_prefix = RedisConfig {
             prefix: String::new(),
             ..RedisConfig::default()
         };
-        assert!(validate(BrokerKind::Redis, &no_prefix).is_err());
+        assert!(validate(BrokerKind::Redis, &no_prefix, &nats).is_err());
         assert_eq!(
-            validate(BrokerKind::Redis, &redis).is_ok(),
+            validate(BrokerKind::Redis, &redis, &nats).is_ok(),
             cfg!(feature = "redis")
         );
     }

@@ -19,16 +19,10 @@ use plaza_core::{ChannelName, ClientInfo, ConnId, Payload, Position, Publication
 use plaza_store::Store;
 use redis::aio::{ConnectionManager, PubSubSink};
 use redis::{Client, Script};
-use serde_json::{Value as Json, json};
 
-use super::store::now_ms;
+use crate::shared::{client_from_json, client_json, conn_id_base, now_ms, ttl_ms};
 use super::{Keys, RedisOptions, RedisStore, scripts, unavailable};
 use crate::{BoxFuture, Broker, BrokerError, PublicationSink};
-
-/// Connection ids of one node are `base + n`, with `base = node number << 40`: 2^40 connections
-/// a node, and ids stay below 2^53 so JSON clients read them exactly.
-const CONN_ID_BITS: u32 = 40;
-const NODE_NUMBERS: u64 = 1 << (53 - CONN_ID_BITS);
 
 pub struct RedisBroker {
     conn: ConnectionManager,
@@ -84,7 +78,7 @@ impl RedisBroker {
             sink,
             store,
             node_id: options.node_id,
-            conn_id_base: (number % NODE_NUMBERS) << CONN_ID_BITS,
+            conn_id_base: conn_id_base(number),
             presence_ttl: options.presence_ttl.max(Duration::from_secs(1)),
             presence_list: Script::new(scripts::PRESENCE_LIST),
             wanted: Mutex::new(HashSet::new()),
@@ -296,32 +290,6 @@ impl RedisBroker {
             .map(|_| ())
             .map_err(unavailable)
     }
-}
-
-fn ttl_ms(ttl: Duration) -> u64 {
-    u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)
-}
-
-fn client_json(client: &ClientInfo) -> String {
-    let info: Json = client
-        .info
-        .as_ref()
-        .and_then(|p| serde_json::from_str(p.as_str()).ok())
-        .unwrap_or(Json::Null);
-    json!({"user": client.user, "client": client.client, "info": info}).to_string()
-}
-
-fn client_from_json(text: &str) -> Option<ClientInfo> {
-    let value: Json = serde_json::from_str(text).ok()?;
-    let info = match value.get("info") {
-        None | Some(Json::Null) => None,
-        Some(info) => Payload::from_json_text(info.to_string()).ok(),
-    };
-    Some(ClientInfo {
-        user: value.get("user")?.as_str()?.to_owned(),
-        client: value.get("client")?.as_u64()?,
-        info,
-    })
 }
 
 /// Keeps the pub/sub connection up for as long as the broker lives.
@@ -553,33 +521,5 @@ impl Broker for RedisBroker {
                 .map_err(unavailable)?;
             Ok(Some(nodes))
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn client_json_round_trips() {
-        let client = ClientInfo {
-            user: "ann".into(),
-            client: (3 << CONN_ID_BITS) + 7,
-            info: Some(Payload::from_json_text(r#"{"name":"Ann"}"#).unwrap()),
-        };
-        assert_eq!(client_from_json(&client_json(&client)), Some(client));
-        let anonymous = ClientInfo {
-            user: String::new(),
-            client: 1,
-            info: None,
-        };
-        assert_eq!(client_from_json(&client_json(&anonymous)), Some(anonymous));
-        assert_eq!(client_from_json("{}"), None);
-    }
-
-    #[test]
-    fn connection_ids_stay_exact_in_json() {
-        let largest = (NODE_NUMBERS - 1) << CONN_ID_BITS | ((1 << CONN_ID_BITS) - 1);
-        assert!(largest < 1 << 53);
     }
 }

@@ -14,7 +14,9 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
+
+use crate::shared::now_ms;
 
 use plaza_core::{ChannelName, Payload, Position};
 use plaza_store::{
@@ -89,11 +91,6 @@ fn backend(e: redis::RedisError) -> StoreError {
 
 fn corrupt(what: &str) -> StoreError {
     StoreError::Corrupt(format!("unexpected reply from Redis for {what}"))
-}
-
-pub(crate) fn now_ms(now: SystemTime) -> u64 {
-    now.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 fn int(value: &Value) -> Option<i64> {
