@@ -34,6 +34,8 @@ pub struct NatsBroker {
     client: async_nats::Client,
     jetstream: jetstream::Context,
     live: stream::Stream,
+    /// To make the live stream again if NATS lost it.
+    live_config: stream::Config,
     names: Names,
     sink: Arc<dyn PublicationSink>,
     node_id: String,
@@ -68,7 +70,7 @@ impl NatsBroker {
             ..Default::default()
         };
         let live = jetstream
-            .get_or_create_stream(config)
+            .get_or_create_stream(config.clone())
             .await
             .map_err(|e| BrokerError::Unavailable(format!("JetStream presence stream: {e}")))?;
         // The stream's sequence only grows (expiry keeps it), so it numbers starting nodes.
@@ -83,6 +85,7 @@ impl NatsBroker {
             client,
             jetstream,
             live,
+            live_config: config,
             names,
             sink,
             node_id: options.node_id,
@@ -180,6 +183,14 @@ async fn keep_alive(broker: Weak<NatsBroker>) {
         let Some(this) = broker.upgrade() else { return };
         if let Err(e) = this.heartbeat().await {
             tracing::warn!(error = %e, "NATS heartbeat failed");
+            // NATS may have lost the stream (restarted without its store): make it again.
+            if let Err(e) = this
+                .jetstream
+                .get_or_create_stream(this.live_config.clone())
+                .await
+            {
+                tracing::warn!(error = %e, "NATS presence stream unavailable");
+            }
         }
     }
 }

@@ -93,7 +93,7 @@ impl NatsStore {
             ..Default::default()
         };
         let log = jetstream
-            .get_or_create_stream(config)
+            .get_or_create_stream(config.clone())
             .await
             .map_err(|e| BrokerError::Unavailable(format!("JetStream log stream: {e}")))?;
         let origin = random_u64().map_err(|e| BrokerError::Unavailable(e.to_string()))?;
@@ -109,12 +109,19 @@ impl NatsStore {
         });
         let (writes, requests) = mpsc::unbounded_channel();
         tokio::spawn(write(
-            jetstream,
+            jetstream.clone(),
             names.log_subject(),
             Arc::clone(&shared),
             requests,
         ));
-        tokio::spawn(fold(log.clone(), Arc::clone(&shared), reconnected));
+        let folder = Folder {
+            jetstream,
+            config,
+            log: log.clone(),
+            shared: Arc::clone(&shared),
+            reconnected,
+        };
+        tokio::spawn(folder.run());
         let store = Arc::new(Self {
             log,
             shared,
@@ -255,13 +262,85 @@ fn fail(shared: &Shared, request: u64, error: StoreError) {
 }
 
 /// Folds the log into the shared state, for as long as the store lives.
-async fn fold(log: stream::Stream, shared: Arc<Shared>, reconnected: Arc<Notify>) {
-    let mut identity = log.cached_info().created;
-    let mut backoff = Duration::from_millis(100);
-    // Records up to here are refolded after a reset: their subscribers were told to resync.
-    let mut quiet_until = 0;
-    loop {
-        let start = *shared.applied.borrow() + 1;
+struct Folder {
+    jetstream: jetstream::Context,
+    config: stream::Config,
+    log: stream::Stream,
+    shared: Arc<Shared>,
+    reconnected: Arc<Notify>,
+}
+
+impl Folder {
+    async fn run(mut self) {
+        let mut identity = self.log.cached_info().created;
+        let mut backoff = Duration::from_millis(100);
+        // Records up to here are refolded after a reset: their subscribers were told to resync.
+        let mut quiet_until = 0;
+        loop {
+            let mut messages = match self.messages().await {
+                Ok(messages) => messages,
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?backoff, "cannot read the write log");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    // NATS may have lost the stream (restarted without its store): make it again.
+                    if let Ok(log) = self.jetstream.get_or_create_stream(self.config.clone()).await {
+                        self.log = log;
+                    }
+                    let info = self.log.cached_info();
+                    if info.created != identity {
+                        identity = info.created;
+                        quiet_until = info.state.last_sequence;
+                        reset(&self.shared);
+                    }
+                    continue;
+                }
+            };
+            backoff = Duration::from_millis(100);
+            loop {
+                tokio::select! {
+                    message = messages.next() => match message {
+                        Some(Ok(message)) => {
+                            let seq = match message.info() {
+                                Ok(info) => info.stream_sequence,
+                                Err(e) => {
+                                    tracing::warn!(error = %e, "write log message without metadata");
+                                    continue;
+                                }
+                            };
+                            apply(&self.shared, seq, &message.payload, seq > quiet_until);
+                        }
+                        // The ordered consumer does not survive every server restart ("consumer
+                        // not found"): read on with a new one from where the fold stands.
+                        Some(Err(e)) => {
+                            tracing::warn!(error = %e, "reading the write log failed; reading again");
+                            tokio::time::sleep(backoff).await;
+                            break;
+                        }
+                        None => break,
+                    },
+                    () = self.reconnected.notified() => {
+                        match self.log.get_info().await {
+                            Ok(info) if info.created != identity
+                                || info.state.last_sequence < *self.shared.applied.borrow() =>
+                            {
+                                identity = info.created;
+                                quiet_until = info.state.last_sequence;
+                                reset(&self.shared);
+                            }
+                            Ok(_) => {}
+                            Err(e) => tracing::warn!(error = %e, "write log unreadable after a reconnect"),
+                        }
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// A new ordered consumer from the record after the last one folded.
+    async fn messages(&self) -> Result<consumer::pull::Ordered, BrokerError> {
+        let start = *self.shared.applied.borrow() + 1;
         let deliver_policy = if start == 1 {
             consumer::DeliverPolicy::All
         } else {
@@ -273,59 +352,12 @@ async fn fold(log: stream::Stream, shared: Arc<Shared>, reconnected: Arc<Notify>
             deliver_policy,
             ..Default::default()
         };
-        let messages = match log.create_consumer(config).await {
-            Ok(consumer) => consumer.messages().await,
-            Err(e) => {
-                tracing::warn!(error = %e, retry_in = ?backoff, "cannot read the write log");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(2));
-                continue;
-            }
-        };
-        let mut messages = match messages {
-            Ok(messages) => messages,
-            Err(e) => {
-                tracing::warn!(error = %e, retry_in = ?backoff, "cannot read the write log");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(2));
-                continue;
-            }
-        };
-        backoff = Duration::from_millis(100);
-        loop {
-            tokio::select! {
-                message = messages.next() => match message {
-                    Some(Ok(message)) => {
-                        let seq = match message.info() {
-                            Ok(info) => info.stream_sequence,
-                            Err(e) => {
-                                tracing::warn!(error = %e, "write log message without metadata");
-                                continue;
-                            }
-                        };
-                        apply(&shared, seq, &message.payload, seq > quiet_until);
-                    }
-                    Some(Err(e)) => {
-                        tracing::warn!(error = %e, "reading the write log failed; reading on");
-                    }
-                    None => break,
-                },
-                () = reconnected.notified() => {
-                    match log.get_info().await {
-                        Ok(info) if info.created != identity
-                            || info.state.last_sequence < *shared.applied.borrow() =>
-                        {
-                            identity = info.created;
-                            quiet_until = info.state.last_sequence;
-                            reset(&shared);
-                            break;
-                        }
-                        Ok(_) => {}
-                        Err(e) => tracing::warn!(error = %e, "write log unreadable after a reconnect"),
-                    }
-                }
-            }
-        }
+        let consumer = self
+            .log
+            .create_consumer(config)
+            .await
+            .map_err(super::unavailable)?;
+        consumer.messages().await.map_err(super::unavailable)
     }
 }
 
