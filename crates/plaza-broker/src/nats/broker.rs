@@ -10,7 +10,7 @@
 //! resubscribes by itself after a reconnect; what is published meanwhile without history is
 //! lost, as on one node without a connection.
 //!
-//! Presence entries, node entries and the node counter live in one JetStream stream that keeps
+//! Presence entries and node entries live in one JetStream stream that keeps
 //! the latest message per subject and drops messages older than the presence TTL: live nodes
 //! republish theirs every third of it, a crashed node's entries age out. A removed entry is
 //! overwritten by an empty message.
@@ -73,7 +73,18 @@ impl NatsBroker {
             .get_or_create_stream(config.clone())
             .await
             .map_err(|e| BrokerError::Unavailable(format!("JetStream presence stream: {e}")))?;
-        // The stream's sequence only grows (expiry keeps it), so it numbers starting nodes.
+        let counter = stream::Config {
+            name: names.counter_stream(),
+            description: Some("Plaza node numbers: the sequence counts starting nodes".into()),
+            subjects: vec![names.node_counter()],
+            storage: stream::StorageType::File,
+            max_messages: 1,
+            ..Default::default()
+        };
+        jetstream
+            .get_or_create_stream(counter)
+            .await
+            .map_err(|e| BrokerError::Unavailable(format!("JetStream node counter: {e}")))?;
         let number = jetstream
             .publish(names.node_counter(), bytes::Bytes::new())
             .await

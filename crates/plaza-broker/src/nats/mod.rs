@@ -92,8 +92,13 @@ impl Names {
     pub fn nodes(&self) -> String {
         format!("{}.live.node.*", self.subject)
     }
+    /// The stream whose sequence numbers starting nodes (one message per start, only the last
+    /// kept): apart from the live stream, whose sequence every heartbeat advances.
+    pub fn counter_stream(&self) -> String {
+        format!("{}_NODES", self.stream)
+    }
     pub fn node_counter(&self) -> String {
-        format!("{}.live.seq", self.subject)
+        format!("{}.nodes", self.subject)
     }
 }
 
