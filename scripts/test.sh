@@ -5,7 +5,9 @@
 #   ./scripts/test.sh
 #
 # Works on a fresh Debian 12 machine with the Rust toolchain and python3; installs what else it
-# needs (rabbitmq-server for the High-templar tests, which run against a private node). Nothing is skipped silently: a missing prerequisite fails the run with a message.
+# needs (rabbitmq-server for the High-templar tests, which run against a private node;
+# redis-server and nats-server for the scale-out tests, which start their own). Nothing is skipped
+# silently: a missing prerequisite fails the run with a message.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -13,13 +15,19 @@ ROOT=$(pwd)
 step() { printf '\n==> %s\n' "$*" >&2; }
 fail() { printf '\nFAILED: %s\n' "$*" >&2; exit 1; }
 
-# Installs Debian packages (CI runs as root on a fresh machine).
+# Installs Debian packages (CI runs as root on a fresh machine). The package lists are updated
+# once per run, before the first install.
+APT_UPDATED=0
 apt_install() {
   command -v apt-get >/dev/null 2>&1 || fail "need Debian packages $* but apt-get is not available"
   local sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
   step "apt-get install $*"
-  $sudo apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" >&2 \
+  if [ "$APT_UPDATED" -eq 0 ]; then
+    $sudo apt-get update -qq >&2 || fail "apt-get update failed"
+    APT_UPDATED=1
+  fi
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" >&2 \
     || fail "apt-get install $* failed"
 }
 
@@ -126,6 +134,36 @@ check_redis() {
   step "redis-server answers ($server); the scale-out tests start their own"
 }
 
+# NATS (scale-out tests): each multi-node test starts its own private nats-server with JetStream
+# on a free loopback port, its store in a temp dir (it restarts it mid-test), from
+# PLAZA_TEST_NATS_SERVER. Here: install it, and prove it starts and answers before any test relies
+# on it. Debian installs it in /usr/sbin, which is not on every PATH.
+find_nats() { command -v nats-server || { [ -x /usr/sbin/nats-server ] && echo /usr/sbin/nats-server; } || true; }
+check_nats() {
+  local server
+  server=$(find_nats)
+  [ -n "$server" ] || { apt_install nats-server; server=$(find_nats); }
+  [ -n "$server" ] || fail "nats-server is not installed"
+  local dir port pid
+  dir=$(mktemp -d "${TMPDIR:-/tmp}/plaza-nats.XXXXXX")
+  port=$(free_port)
+  "$server" -js -sd "$dir" -a 127.0.0.1 -p "$port" >"$dir/nats.log" 2>&1 &
+  pid=$!
+  local deadline=$((SECONDS + 20))
+  until python3 -c "import socket,sys; s=socket.create_connection(('127.0.0.1', $port), 1); s.settimeout(1); sys.exit(0 if s.makefile('rb').readline().startswith(b'INFO ') else 1)" 2>/dev/null; do
+    if ! kill -0 "$pid" 2>/dev/null || [ "$SECONDS" -ge "$deadline" ]; then
+      kill -KILL "$pid" 2>/dev/null || true
+      tail -n 20 "$dir/nats.log" >&2 || true
+      fail "nats-server -js did not start (log above)"
+    fi
+    sleep 0.2
+  done
+  kill -TERM "$pid" 2>/dev/null; wait "$pid" 2>/dev/null || true
+  rm -rf "$dir"
+  export PLAZA_TEST_NATS_SERVER="$server"
+  step "nats-server -js answers ($server); the scale-out tests start their own"
+}
+
 command -v cargo >/dev/null 2>&1 || fail "cargo is not installed (see https://rustup.rs)"
 
 step "cargo fmt --check"
@@ -141,6 +179,7 @@ export PLAZA_BIN="$ROOT/target/debug/plaza"
 
 start_rabbitmq
 check_redis
+check_nats
 
 step "Rust tests"
 if cargo nextest --version >/dev/null 2>&1; then

@@ -1,79 +1,192 @@
-//! Several Plaza processes sharing one real `redis-server` (`broker = "redis"`): fan-out exactly
-//! once on every node, chat with receipts across nodes, presence across nodes and after a
-//! `kill -9`, recovery on another node, and a Redis restart in the middle of a run.
+//! Several Plaza processes sharing one real broker: fan-out exactly once on every node, chat with
+//! receipts across nodes, presence across nodes and after a `kill -9`, recovery on another node,
+//! and a broker restart in the middle of a run.
 //!
-//! Each test starts its own private Redis on a free loopback port (it restarts it mid-test), from
-//! `PLAZA_TEST_REDIS_SERVER` (scripts/test.sh sets it) or `redis-server` on the PATH; without
-//! one the tests fail with a message saying so. The binary must be built with `--features redis`
-//! (the test script builds everything with `--all-features`).
+//! Every case is written once (`case_*`, given a [`Backend`]) and run twice by thin tests: `redis_*`
+//! against a private `redis-server` (`broker = "redis"`), `nats_*` against a private `nats-server`
+//! with JetStream (`broker = "nats"`). Each test starts its own server on a free loopback port (the
+//! restart case restarts it mid-test), from `PLAZA_TEST_REDIS_SERVER` / `PLAZA_TEST_NATS_SERVER`
+//! (scripts/test.sh sets both) or `redis-server` / `nats-server` on the PATH; without one the tests
+//! fail with a message saying so. The binary must be built with `--features redis,nats` (the test
+//! script builds everything with `--all-features`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
-use std::net::TcpListener;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::{Client, KEY, Server, WAIT, http, temp_dir};
+use futures_util::StreamExt;
 use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
 
 const SECRET: &str = "an-hmac-secret-that-is-long-enough-0123456789";
 
-/// A private redis-server, killed when dropped.
-struct Redis {
-    child: Option<Child>,
-    port: u16,
-    dir: PathBuf,
+/// How long a crashed node's presence entries and its place in the node list outlive it.
+const PRESENCE_TTL_SECS: u64 = 2;
+
+/// Which broker a [`Backend`] runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Redis,
+    Nats,
 }
 
-impl Redis {
-    fn start() -> Redis {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
-        let mut redis = Redis {
+impl Kind {
+    /// The `broker` setting, also what `/api/info` reports.
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Redis => "redis",
+            Kind::Nats => "nats",
+        }
+    }
+
+    fn url(self, port: u16) -> String {
+        match self {
+            Kind::Redis => format!("redis://127.0.0.1:{port}"),
+            Kind::Nats => format!("nats://127.0.0.1:{port}"),
+        }
+    }
+
+    /// The top of a Plaza config file for this broker at `port` (tables of the rest follow).
+    fn config_section(self, port: u16, prefix: &str) -> String {
+        let (name, url) = (self.name(), self.url(port));
+        format!(
+            "broker = \"{name}\"\n[{name}]\nurl = \"{url}\"\nprefix = \"{prefix}\"\n\
+             presence_ttl_secs = {PRESENCE_TTL_SECS}\n"
+        )
+    }
+
+    /// The key / subject prefix of one test: Redis tests keep `t:`; each NATS test gets its own.
+    fn prefix(self) -> String {
+        match self {
+            Kind::Redis => "t:".to_owned(),
+            Kind::Nats => format!("plaza{}", NEXT_PREFIX.fetch_add(1, Ordering::Relaxed)),
+        }
+    }
+
+    /// How `plaza check-config` names an unreachable server of this kind.
+    fn unreachable(self) -> &'static str {
+        match self {
+            Kind::Redis => "Redis at redis://127.0.0.1",
+            Kind::Nats => "NATS at nats://127.0.0.1",
+        }
+    }
+}
+
+static NEXT_PREFIX: AtomicU32 = AtomicU32::new(0);
+
+/// A private broker server on a free loopback port, in a temp dir; killed (SIGKILL) and its dir
+/// removed when dropped.
+struct Backend {
+    kind: Kind,
+    child: Option<Child>,
+    port: u16,
+    /// Its working dir: Redis's `--dir` (it saves nothing there), NATS's JetStream store (`-sd`).
+    /// Also holds `server.log`, its output.
+    dir: PathBuf,
+    prefix: String,
+}
+
+impl Backend {
+    fn redis() -> Backend {
+        Backend::start(Kind::Redis)
+    }
+
+    fn nats() -> Backend {
+        Backend::start(Kind::Nats)
+    }
+
+    fn start(kind: Kind) -> Backend {
+        let prefix = kind.prefix();
+        let mut backend = Backend {
+            kind,
             child: None,
-            port,
+            port: free_port(),
             dir: temp_dir(),
+            prefix,
         };
-        redis.spawn();
-        redis
+        backend.spawn();
+        backend
+    }
+
+    fn name(&self) -> &'static str {
+        self.kind.name()
+    }
+
+    fn config_section(&self) -> String {
+        self.kind.config_section(self.port, &self.prefix)
+    }
+
+    /// Whether what the server held survives [`Backend::restart`]: Redis runs without
+    /// persistence and comes back empty; NATS comes back with its JetStream store.
+    fn keeps_data_across_restart(&self) -> bool {
+        self.kind == Kind::Nats
     }
 
     fn spawn(&mut self) {
-        let server =
-            std::env::var("PLAZA_TEST_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
-        let child = Command::new(&server)
-            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
-            .args(["--save", "", "--appendonly", "no", "--dir"])
-            .arg(&self.dir)
+        let (var, program, package) = match self.kind {
+            Kind::Redis => ("PLAZA_TEST_REDIS_SERVER", "redis-server", "redis-server"),
+            Kind::Nats => ("PLAZA_TEST_NATS_SERVER", "nats-server", "nats-server"),
+        };
+        let server = std::env::var(var).unwrap_or_else(|_| program.into());
+        let port = self.port.to_string();
+        let mut command = Command::new(&server);
+        match self.kind {
+            Kind::Redis => command
+                .args(["--bind", "127.0.0.1", "--port", &port])
+                .args(["--save", "", "--appendonly", "no", "--dir"])
+                .arg(&self.dir),
+            // No monitoring port; JetStream in this test's own store dir.
+            Kind::Nats => {
+                command
+                    .args(["-js", "-sd"])
+                    .arg(&self.dir)
+                    .args(["-a", "127.0.0.1", "-p", &port])
+            }
+        };
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("server.log"))
+            .expect("server log");
+        let cannot = |e: &dyn std::fmt::Display| -> ! {
+            panic!(
+                "cannot start {program} ({server}): {e}. Install it (apt-get install {package}) \
+                 or set {var}; scripts/test.sh does both"
+            )
+        };
+        let child = command
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stdout(log.try_clone().expect("server log"))
+            .stderr(log)
             .spawn()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "cannot start redis-server ({server}): {e}. Install it (apt-get install \
-                     redis-server) or set PLAZA_TEST_REDIS_SERVER; scripts/test.sh does both"
-                )
-            });
-        self.child = Some(child);
+            .unwrap_or_else(|e| cannot(&e));
+        let child = self.child.insert(child);
         let deadline = Instant::now() + WAIT;
-        while !ping(self.port) {
-            assert!(Instant::now() < deadline, "redis-server did not answer");
+        while !answers(self.kind, self.port) {
+            if let Ok(Some(status)) = child.try_wait() {
+                let log = std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default();
+                cannot(&format_args!("it exited ({status}):\n{log}"));
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{program} did not answer on 127.0.0.1:{}",
+                self.port
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
 
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    /// SIGKILL, and a new empty Redis on the same port: everything it held is gone.
-    fn restart_empty(&mut self) {
+    /// SIGKILL, and the server again on the same port and dir. Redis comes back empty: everything
+    /// it held is gone. NATS comes back with every JetStream stream it had acknowledged writes to.
+    fn restart(&mut self) {
         self.kill();
         self.spawn();
     }
@@ -86,31 +199,44 @@ impl Redis {
     }
 }
 
-impl Drop for Redis {
+impl Drop for Backend {
     fn drop(&mut self) {
         self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
-fn ping(port: u16) -> bool {
-    use std::io::{Read, Write};
-    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// Whether the server on `port` answers: Redis replies `+PONG` to `PING`; nats-server greets
+/// every connection with an `INFO {...}` line.
+fn answers(kind: Kind, port: u16) -> bool {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
         return false;
     };
     let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
-    let mut buf = [0u8; 7];
-    s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
+    match kind {
+        Kind::Redis => {
+            let mut buf = [0u8; 7];
+            s.write_all(b"PING\r\n").is_ok()
+                && s.read_exact(&mut buf).is_ok()
+                && &buf == b"+PONG\r\n"
+        }
+        Kind::Nats => {
+            let mut line = String::new();
+            BufReader::new(s).read_line(&mut line).is_ok() && line.starts_with("INFO ")
+        }
+    }
 }
 
-fn config(redis: &Redis) -> String {
+fn config(backend: &Backend) -> String {
     format!(
-        r#"
-broker = "redis"
-[redis]
-url = "{}"
-prefix = "t:"
-presence_ttl_secs = 2
+        r#"{}
 [auth]
 hmac_secret = "{SECRET}"
 anonymous = true
@@ -122,12 +248,12 @@ history_size = 100
 presence = true
 join_leave = true
 "#,
-        redis.url()
+        backend.config_section()
     )
 }
 
-fn node(redis: &Redis) -> Server {
-    Server::start(&config(redis))
+fn node(backend: &Backend) -> Server {
+    Server::start(&config(backend))
 }
 
 fn token(user: &str) -> String {
@@ -183,12 +309,35 @@ async fn next_of(c: &mut Client, kind: &str, skip: &[&str]) -> Value {
     }
 }
 
+/// The next publication `c` gets (`Ok`), or the code the server closed it with (`Err`; `None`
+/// when the socket just ended). Panics when neither comes within [`WAIT`].
+async fn next_push_or_close(c: &mut Client) -> Result<Value, Option<u16>> {
+    if let Some(v) = c.pushes.pop_front() {
+        return Ok(v);
+    }
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, c.ws.next()).await {
+            Err(_) => panic!("neither a publication nor a close within {WAIT:?}"),
+            Ok(None | Some(Err(_))) => return Err(None),
+            Ok(Some(Ok(Message::Close(frame)))) => return Err(frame.map(|f| u16::from(f.code))),
+            Ok(Some(Ok(Message::Text(text)))) => {
+                let mut objects = common::split_frame(&text).into_iter();
+                let first = objects.next().expect("an empty frame");
+                c.pushes.extend(objects);
+                assert_eq!(first["push"], "publication", "not a publication: {first}");
+                return Ok(first);
+            }
+            Ok(Some(Ok(_))) => {}
+        }
+    }
+}
+
 /// Subscribed on A and C, published through B's backend API: each publication arrives once on
 /// each node, in order, with history positions assigned once; `/api/info` lists the three nodes.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fan_out_reaches_every_node_exactly_once() {
-    let redis = Redis::start();
-    let (a, b, c) = (node(&redis), node(&redis), node(&redis));
+async fn case_fan_out_reaches_every_node_exactly_once(backend: Backend) {
+    let (a, b, c) = (node(&backend), node(&backend), node(&backend));
     let mut subscribers = Vec::new();
     for server in [&a, &c] {
         for channel in ["news", "h:feed"] {
@@ -203,7 +352,12 @@ async fn fan_out_reaches_every_node_exactly_once() {
             assert_eq!(status, 200, "{body}");
             if channel == "h:feed" {
                 let v: Value = serde_json::from_str(&body).unwrap();
-                assert_eq!(v["offset"], i, "offsets are assigned once, in Redis: {v}");
+                assert_eq!(
+                    v["offset"],
+                    i,
+                    "offsets are assigned once, in {}: {v}",
+                    backend.name()
+                );
             }
         }
     }
@@ -239,7 +393,7 @@ async fn fan_out_reaches_every_node_exactly_once() {
     );
 
     let (_, info) = api(&a, "GET", "/api/info", None).await;
-    assert_eq!(info["broker"], "redis");
+    assert_eq!(info["broker"], backend.name());
     assert_eq!(info["nodes"].as_array().map(Vec::len), Some(3), "{info}");
     let (_, body) = http(a.backend, "GET", "/metrics", None, None).await;
     assert!(
@@ -248,12 +402,20 @@ async fn fan_out_reaches_every_node_exactly_once() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_fan_out_reaches_every_node_exactly_once() {
+    case_fan_out_reaches_every_node_exactly_once(Backend::redis()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_fan_out_reaches_every_node_exactly_once() {
+    case_fan_out_reaches_every_node_exactly_once(Backend::nats()).await;
+}
+
 /// A direct message from a user on A to a user on C with every receipt, and a group whose
 /// members are spread over the three nodes.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn chat_works_across_nodes() {
-    let redis = Redis::start();
-    let (a, b, c) = (node(&redis), node(&redis), node(&redis));
+async fn case_chat_works_across_nodes(backend: Backend) {
+    let (a, b, c) = (node(&backend), node(&backend), node(&backend));
     let mut alice = login(&a, "alice").await;
     let mut bob = login(&c, "bob").await;
     let skip = ["member", "typing"];
@@ -322,12 +484,20 @@ async fn chat_works_across_nodes() {
     }
 }
 
-/// Presence lists every node's connections; a node killed with SIGKILL drops out of presence and
-/// of the node list within the TTL (2 s here).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn presence_spans_nodes_and_expires_with_a_dead_node() {
-    let redis = Redis::start();
-    let (a, b) = (node(&redis), node(&redis));
+async fn redis_chat_works_across_nodes() {
+    case_chat_works_across_nodes(Backend::redis()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_chat_works_across_nodes() {
+    case_chat_works_across_nodes(Backend::nats()).await;
+}
+
+/// Presence lists every node's connections; a node killed with SIGKILL drops out of presence and
+/// of the node list within the TTL (`PRESENCE_TTL_SECS`).
+async fn case_presence_spans_nodes_and_expires_with_a_dead_node(backend: Backend) {
+    let (a, b) = (node(&backend), node(&backend));
     let mut ann = login(&a, "ann").await;
     ok(&mut ann, "subscribe", json!({"channel": "room:lobby"})).await;
     let mut ben = login(&b, "ben").await;
@@ -369,12 +539,20 @@ async fn presence_spans_nodes_and_expires_with_a_dead_node() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_presence_spans_nodes_and_expires_with_a_dead_node() {
+    case_presence_spans_nodes_and_expires_with_a_dead_node(Backend::redis()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_presence_spans_nodes_and_expires_with_a_dead_node() {
+    case_presence_spans_nodes_and_expires_with_a_dead_node(Backend::nats()).await;
+}
+
 /// A client that read a history channel on A resubscribes on C with `since` and gets exactly
 /// what it missed.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn recovery_after_moving_to_another_node() {
-    let redis = Redis::start();
-    let (a, b, c) = (node(&redis), node(&redis), node(&redis));
+async fn case_recovery_after_moving_to_another_node(backend: Backend) {
+    let (a, b, c) = (node(&backend), node(&backend), node(&backend));
     let mut client = Client::connect(&a.ws_url()).await;
     let sub = ok(&mut client, "subscribe", json!({"channel": "h:x"})).await;
     let epoch = sub["epoch"].as_str().unwrap().to_owned();
@@ -405,13 +583,28 @@ async fn recovery_after_moving_to_another_node() {
     assert_eq!(moved.next_push().await["offset"], 10);
 }
 
-/// Redis is killed and comes back empty. A subscriber of a history channel is told to
-/// resynchronise (close 3006) and learns `recovered: false` on resubscribing; publications after
-/// the restart reach subscribers of every kind again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_restart_mid_run() {
-    let mut redis = Redis::start();
-    let (a, b) = (node(&redis), node(&redis));
+async fn redis_recovery_after_moving_to_another_node() {
+    case_recovery_after_moving_to_another_node(Backend::redis()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_recovery_after_moving_to_another_node() {
+    case_recovery_after_moving_to_another_node(Backend::nats()).await;
+}
+
+/// The broker is killed (SIGKILL) and started again on the same port, nodes A and B running
+/// through it. Either way, publications after the restart reach subscribers of every kind again,
+/// and no subscriber of a history channel is left with a silent hole.
+///
+/// - Redis comes back empty: the history subscriber is told to resynchronise (close 3006) and
+///   learns `recovered: false` (and a new epoch) on resubscribing.
+/// - NATS comes back with its JetStream store: history survives. The next publication gets the
+///   next offset in the same epoch; the subscriber that stayed through the restart either gets it
+///   (no gap) or was told to resynchronise (3006), never silence or a later offset; and a client
+///   that resubscribes with `since` recovers exactly what it missed (`recovered: true`).
+async fn case_restart_mid_run(mut backend: Backend) {
+    let (a, b) = (node(&backend), node(&backend));
     let mut history_sub = Client::connect(&a.ws_url()).await;
     let sub = ok(&mut history_sub, "subscribe", json!({"channel": "h:log"})).await;
     let epoch = sub["epoch"].as_str().unwrap().to_owned();
@@ -420,14 +613,17 @@ async fn redis_restart_mid_run() {
     for i in 1..=3 {
         b.publish("h:log", json!({"i": i})).await;
     }
-    for _ in 0..3 {
-        history_sub.next_push().await;
+    for i in 1..=3 {
+        let p = history_sub.next_push().await;
+        assert_eq!(p["offset"], i, "{p}");
     }
 
-    redis.restart_empty();
+    backend.restart();
 
-    // The history subscriber may have missed publications: it is told so.
-    assert_eq!(history_sub.close_code().await, Some(3006));
+    if !backend.keeps_data_across_restart() {
+        // The history subscriber may have missed publications: it is told so.
+        assert_eq!(history_sub.close_code().await, Some(3006));
+    }
 
     // Publications through B reach the plain subscriber on A once both nodes are back.
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -448,33 +644,88 @@ async fn redis_restart_mid_run() {
     };
     assert_eq!(first["channel"], "plain");
 
-    // The moved-on history subscriber learns that its gap is gone for good.
-    let mut again = Client::connect(&a.ws_url()).await;
-    let sub = ok(
-        &mut again,
-        "subscribe",
-        json!({"channel": "h:log", "since": {"epoch": epoch, "offset": 3}}),
-    )
-    .await;
-    assert_eq!(sub["recovered"], false, "{sub}");
-    assert_ne!(sub["epoch"], json!(epoch));
-    let (status, _) = b.publish("h:log", json!({"after": true})).await;
-    assert_eq!(status, 200);
-    assert_eq!(again.next_push().await["data"], json!({"after": true}));
+    if backend.keeps_data_across_restart() {
+        // History survived: the next publication continues the same epoch at offset 4.
+        let (status, body) = b.publish("h:log", json!({"i": 4})).await;
+        assert_eq!(status, 200, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            v["epoch"],
+            json!(epoch),
+            "history kept across the restart: {v}"
+        );
+        assert_eq!(v["offset"], 4, "{v}");
+        // The subscriber that stayed on A through the restart gets it, or was told to resync.
+        match next_push_or_close(&mut history_sub).await {
+            Ok(p) => {
+                assert_eq!(p["offset"], 4, "no gap after the restart: {p}");
+                assert_eq!(p["data"], json!({"i": 4}));
+            }
+            Err(code) => assert_eq!(code, Some(3006), "closed, but not told to resync"),
+        }
+        // A client that last saw offset 3 resubscribes and recovers exactly what it missed.
+        let mut again = Client::connect(&a.ws_url()).await;
+        let sub = ok(
+            &mut again,
+            "subscribe",
+            json!({"channel": "h:log", "since": {"epoch": epoch, "offset": 3}}),
+        )
+        .await;
+        assert_eq!(sub, json!({"epoch": epoch, "offset": 4, "recovered": true}));
+        let p = again.next_push().await;
+        assert_eq!(
+            (&p["offset"], &p["data"]),
+            (&json!(4), &json!({"i": 4})),
+            "{p}"
+        );
+        let (status, _) = b.publish("h:log", json!({"after": true})).await;
+        assert_eq!(status, 200);
+        let p = again.next_push().await;
+        assert_eq!(
+            (&p["offset"], &p["data"]),
+            (&json!(5), &json!({"after": true})),
+            "{p}"
+        );
+    } else {
+        // The moved-on history subscriber learns that its gap is gone for good.
+        let mut again = Client::connect(&a.ws_url()).await;
+        let sub = ok(
+            &mut again,
+            "subscribe",
+            json!({"channel": "h:log", "since": {"epoch": epoch, "offset": 3}}),
+        )
+        .await;
+        assert_eq!(sub["recovered"], false, "{sub}");
+        assert_ne!(sub["epoch"], json!(epoch));
+        let (status, _) = b.publish("h:log", json!({"after": true})).await;
+        assert_eq!(status, 200);
+        assert_eq!(again.next_push().await["data"], json!({"after": true}));
+    }
 }
 
-/// `plaza check-config` pings Redis: a Redis that is not there is reported.
-#[tokio::test]
-async fn check_config_pings_redis() {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let err = common::check_config_error(&format!(
-        "broker = \"redis\"\n[redis]\nurl = \"redis://127.0.0.1:{port}\"\n"
-    ));
-    assert!(err.contains("Redis at redis://127.0.0.1"), "{err}");
-    let err = common::check_config_error("broker = \"nats\"\n");
-    assert!(err.contains("not available yet"), "{err}");
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restart_mid_run() {
+    case_restart_mid_run(Backend::redis()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_restart_mid_run() {
+    case_restart_mid_run(Backend::nats()).await;
+}
+
+/// `plaza check-config` connects to the broker: one that is not there is reported.
+fn case_check_config_reports_an_unreachable_broker(kind: Kind) {
+    let port = free_port();
+    let err = common::check_config_error(&kind.config_section(port, &kind.prefix()));
+    assert!(err.contains(kind.unreachable()), "{err}");
+}
+
+#[test]
+fn check_config_pings_redis() {
+    case_check_config_reports_an_unreachable_broker(Kind::Redis);
+}
+
+#[test]
+fn check_config_pings_nats() {
+    case_check_config_reports_an_unreachable_broker(Kind::Nats);
 }
