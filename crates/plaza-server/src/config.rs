@@ -262,7 +262,8 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |m: String| Err(ConfigError::Invalid(m));
         self.limits.validate().map_err(ConfigError::Invalid)?;
-        crate::engine::validate(self.broker, &self.redis, &self.nats).map_err(ConfigError::Invalid)?;
+        crate::engine::validate(self.broker, &self.redis, &self.nats)
+            .map_err(ConfigError::Invalid)?;
         self.namespaces()
             .validate()
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;

@@ -351,7 +351,9 @@ impl Dispatcher {
                     data,
                     position: None,
                 }),
-                Err(_) => tracing::warn!(channel = %channel, "non-JSON publication from NATS ignored"),
+                Err(_) => {
+                    tracing::warn!(channel = %channel, "non-JSON publication from NATS ignored")
+                }
             },
             "e " => {
                 let Some((Ok(except), frame)) = rest

@@ -41,7 +41,14 @@ pub struct DecodeError(pub &'static str);
 
 impl Record {
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(64 + self.batch.appends.iter().map(|a| a.payload.len() + 32).sum::<usize>());
+        let mut out = Vec::with_capacity(
+            64 + self
+                .batch
+                .appends
+                .iter()
+                .map(|a| a.payload.len() + 32)
+                .sum::<usize>(),
+        );
         out.push(VERSION);
         put_u64(&mut out, self.origin);
         put_u64(&mut out, self.request);
@@ -62,7 +69,13 @@ impl Record {
         for append in &self.batch.appends {
             put_bytes(&mut out, append.stream.as_str().as_bytes());
             put_bytes(&mut out, append.payload.as_bytes());
-            put_u64(&mut out, append.options.max_len.map_or(u64::MAX, |n| n.min(u64::MAX - 1)));
+            put_u64(
+                &mut out,
+                append
+                    .options
+                    .max_len
+                    .map_or(u64::MAX, |n| n.min(u64::MAX - 1)),
+            );
             put_u64(&mut out, append.options.ttl.map_or(0, |t| ms(t).max(1)));
         }
         put_len(&mut out, self.batch.kv.len());
@@ -101,7 +114,9 @@ impl Record {
             1 => Some(r.string()?),
             _ => return Err(DecodeError("bad flag")),
         };
-        let creates = (0..r.len()?).map(|_| r.string()).collect::<Result<_, _>>()?;
+        let creates = (0..r.len()?)
+            .map(|_| r.string())
+            .collect::<Result<_, _>>()?;
         let appends = (0..r.len()?)
             .map(|_| {
                 let stream = plaza_core::ChannelName::from_stored(&r.string()?);
@@ -191,7 +206,9 @@ impl<'a> Reader<'a> {
     }
     fn u64(&mut self) -> Result<u64, DecodeError> {
         let b = self.take(8)?;
-        Ok(u64::from_be_bytes(b.try_into().map_err(|_| DecodeError("truncated"))?))
+        Ok(u64::from_be_bytes(
+            b.try_into().map_err(|_| DecodeError("truncated"))?,
+        ))
     }
     fn index(&mut self) -> Result<usize, DecodeError> {
         let b = self.take(4)?;
@@ -394,7 +411,10 @@ impl State {
 
     pub fn kv_scan(&self, prefix: &str, limit: usize) -> KvEntries {
         self.kv
-            .range::<str, _>((std::ops::Bound::Included(prefix), std::ops::Bound::Unbounded))
+            .range::<str, _>((
+                std::ops::Bound::Included(prefix),
+                std::ops::Bound::Unbounded,
+            ))
             .take_while(|(k, _)| k.starts_with(prefix))
             .take(limit)
             .map(|(k, v)| (k.clone(), v.clone()))
@@ -469,7 +489,10 @@ mod tests {
         };
         let back = Record::decode(&r.encode()).unwrap();
         assert_eq!(back.encode(), r.encode());
-        assert_eq!(back.batch.appends[1].options.ttl, Some(Duration::from_secs(5)));
+        assert_eq!(
+            back.batch.appends[1].options.ttl,
+            Some(Duration::from_secs(5))
+        );
         assert_eq!(back.batch.kv, r.batch.kv);
         assert_eq!(back.batch.unless_exists.as_deref(), Some("idem"));
         let bytes = r.encode();
@@ -499,7 +522,10 @@ mod tests {
             assert_eq!(applied[0].position, position);
         }
         let all = s.read("c", None, 100).unwrap();
-        assert_eq!(data(&all), vec![(3, "3".into()), (4, "4".into()), (5, "5".into())]);
+        assert_eq!(
+            data(&all),
+            vec![(3, "3".into()), (4, "4".into()), (5, "5".into())]
+        );
         assert!(all.complete);
         let latest = s.read("c", None, 2).unwrap();
         assert_eq!(data(&latest), vec![(4, "4".into()), (5, "5".into())]);
@@ -595,10 +621,14 @@ mod tests {
         let keys: Vec<String> = s.kv_scan("g:", 10).into_iter().map(|(k, _)| k).collect();
         assert_eq!(keys, vec!["g:a", "g:b"]);
         assert_eq!(s.kv_scan("g:", 1).len(), 1);
-        s.apply(record(2, 0, WriteBatch {
-            kv: vec![("g:a".into(), None)],
-            ..WriteBatch::default()
-        }));
+        s.apply(record(
+            2,
+            0,
+            WriteBatch {
+                kv: vec![("g:a".into(), None)],
+                ..WriteBatch::default()
+            },
+        ));
         assert_eq!(s.kv_get("g:a"), None);
     }
 }

@@ -152,7 +152,7 @@ async fn client(
     }
     tokio::time::timeout(Duration::from_secs(5), options.connect(url))
         .await
-        .map_err(|_| BrokerError::Unavailable(format!("no answer within 5 s")))?
+        .map_err(|_| BrokerError::Unavailable("no answer within 5 s".into()))?
         .map_err(unavailable)
 }
 
@@ -214,7 +214,10 @@ mod tests {
         assert_eq!(token(""), "_");
         for name in ["news", "a.b", "*", ">", "x y", "$inbox:ann", "é"] {
             let t = token(name);
-            assert!(t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'), "{t}");
+            assert!(
+                t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'),
+                "{t}"
+            );
         }
         let names = Names::new("plaza");
         assert_eq!(names.channel("a.b"), "plaza.c.612e62");

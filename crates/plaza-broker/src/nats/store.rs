@@ -23,8 +23,8 @@ use async_nats::jetstream::{self, consumer, stream};
 use futures_util::StreamExt;
 use plaza_core::{ChannelName, Payload, Position};
 use plaza_store::{
-    AppendListener, BoxFuture, KvEntries, ReadResult, Store, StoreError, StoreStats,
-    StreamAppend, StreamOptions, WriteBatch, WriteOutcome,
+    AppendListener, BoxFuture, KvEntries, ReadResult, Store, StoreError, StoreStats, StreamAppend,
+    StreamOptions, WriteBatch, WriteOutcome,
 };
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 
@@ -284,7 +284,11 @@ impl Folder {
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(2));
                     // NATS may have lost the stream (restarted without its store): make it again.
-                    if let Ok(log) = self.jetstream.get_or_create_stream(self.config.clone()).await {
+                    if let Ok(log) = self
+                        .jetstream
+                        .get_or_create_stream(self.config.clone())
+                        .await
+                    {
                         self.log = log;
                     }
                     let info = self.log.cached_info();

@@ -20,8 +20,8 @@ use plaza_store::Store;
 use redis::aio::{ConnectionManager, PubSubSink};
 use redis::{Client, Script};
 
-use crate::shared::{client_from_json, client_json, conn_id_base, now_ms, ttl_ms};
 use super::{Keys, RedisOptions, RedisStore, scripts, unavailable};
+use crate::shared::{client_from_json, client_json, conn_id_base, now_ms, ttl_ms};
 use crate::{BoxFuture, Broker, BrokerError, PublicationSink};
 
 pub struct RedisBroker {
