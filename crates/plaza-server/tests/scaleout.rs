@@ -191,6 +191,13 @@ impl Backend {
         self.spawn();
     }
 
+    /// SIGKILL, the JetStream store deleted, and NATS again: a server that lost everything.
+    fn restart_wiped(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(self.dir.join("jetstream"));
+        self.spawn();
+    }
+
     fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
@@ -711,6 +718,50 @@ async fn redis_restart_mid_run() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_restart_mid_run() {
     case_restart_mid_run(Backend::nats()).await;
+}
+
+/// NATS restarted without its store: the nodes notice the log's new identity, start over in a new
+/// epoch and tell history subscribers to resynchronise; those learn `recovered: false`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_store_lost_mid_run() {
+    let mut backend = Backend::nats();
+    let (a, b) = (node(&backend), node(&backend));
+    let mut history_sub = Client::connect(&a.ws_url()).await;
+    let sub = ok(&mut history_sub, "subscribe", json!({"channel": "h:log"})).await;
+    let epoch = sub["epoch"].as_str().unwrap().to_owned();
+    for i in 1..=3 {
+        b.publish("h:log", json!({"i": i})).await;
+    }
+    for i in 1..=3 {
+        assert_eq!(history_sub.next_push().await["offset"], i);
+    }
+
+    backend.restart_wiped();
+
+    assert_eq!(history_sub.close_code().await, Some(3006));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let published = loop {
+        let (status, body) = b.publish("h:log", json!({"after": true})).await;
+        if status == 200 {
+            break serde_json::from_str::<Value>(&body).unwrap();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no publish accepted after the restart: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_ne!(published["epoch"], json!(epoch), "{published}");
+    assert_eq!(published["offset"], 1, "{published}");
+    let mut again = Client::connect(&a.ws_url()).await;
+    let sub = ok(
+        &mut again,
+        "subscribe",
+        json!({"channel": "h:log", "since": {"epoch": epoch, "offset": 3}}),
+    )
+    .await;
+    assert_eq!(sub["recovered"], false, "{sub}");
+    assert_eq!(sub["epoch"], published["epoch"], "{sub}");
 }
 
 /// `plaza check-config` connects to the broker: one that is not there is reported.
