@@ -168,22 +168,10 @@ impl NatsStore {
         if let Err(e) = batch.validate() {
             return Box::pin(std::future::ready(Err(e)));
         }
-        // An epoch is only drawn when the record may create a stream (streams are never
-        // deleted, so one this node knows exists in the log before this record).
-        let known = {
-            let state = lock(&self.shared.state);
-            creates.iter().all(|s| state.top(s).is_some())
-                && batch
-                    .appends
-                    .iter()
-                    .all(|a| state.top(a.stream.as_str()).is_some())
-        };
-        let epoch = if known {
-            Ok(String::new())
-        } else {
-            plaza_store::new_epoch()
-        };
-        let epoch = match epoch {
+        // Every record carries a fresh epoch, used if it creates a stream. (Skipping it for
+        // streams this node knows would be wrong after NATS lost the log: the record would
+        // create its stream again with no epoch.)
+        let epoch = match plaza_store::new_epoch() {
             Ok(epoch) => epoch,
             Err(e) => return Box::pin(std::future::ready(Err(e))),
         };
