@@ -1,9 +1,57 @@
-//! What the Redis and NATS brokers share: node numbering, time stamps, presence entries.
+//! What the Redis and NATS brokers share: node numbering, time stamps, presence entries, and
+//! the messages relayed on a channel's pub/sub subject.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use plaza_core::{ClientInfo, Payload};
+use plaza_core::{ChannelName, ClientInfo, ConnId, Payload, Publication};
 use serde_json::{Value as Json, json};
+
+use crate::PublicationSink;
+
+/// A publication without history, as relayed between nodes: `n <data>`.
+pub(crate) fn plain_message(data: &Payload) -> String {
+    format!("n {}", data.as_str())
+}
+
+/// An ephemeral frame for every subscriber but `except`: `e <except> <frame>`.
+pub(crate) fn event_message(except: ConnId, frame: &str) -> String {
+    format!("e {except} {frame}")
+}
+
+/// Hands a relayed message ([`plain_message`], [`event_message`]) of `channel` to the node.
+/// `engine` names the sender in the warning about a malformed one.
+pub(crate) fn relay(
+    sink: &dyn PublicationSink,
+    channel: &ChannelName,
+    message: &[u8],
+    engine: &str,
+) {
+    let Ok(message) = std::str::from_utf8(message) else {
+        tracing::warn!(channel = %channel, "non-UTF-8 message from {engine} ignored");
+        return;
+    };
+    if let Some(data) = message.strip_prefix("n ") {
+        match Payload::from_json_text(data.to_owned()) {
+            Ok(data) => sink.deliver(&Publication {
+                channel: channel.clone(),
+                data,
+                position: None,
+            }),
+            Err(_) => {
+                tracing::warn!(channel = %channel, "non-JSON publication from {engine} ignored")
+            }
+        }
+        return;
+    }
+    let event = message
+        .strip_prefix("e ")
+        .and_then(|rest| rest.split_once(' '))
+        .and_then(|(except, frame)| Some((except.parse::<ConnId>().ok()?, frame)));
+    match event {
+        Some((except, frame)) => sink.event(channel.as_str(), except, frame),
+        None => tracing::warn!(channel = %channel, "malformed message from {engine} ignored"),
+    }
+}
 
 /// Connection ids of one node are `base + n`, with `base = node number << 40`: 2^40 connections
 /// a node, and ids stay below 2^53 so JSON clients read them exactly.
@@ -53,6 +101,47 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+    use std::sync::Mutex;
+
+    #[derive(Default)]
+    struct Seen(Mutex<Vec<String>>);
+
+    impl PublicationSink for Seen {
+        fn deliver(&self, p: &Publication) {
+            let line = format!("deliver {} {}", p.channel.as_str(), p.data.as_str());
+            self.0.lock().unwrap().push(line);
+        }
+        fn event(&self, channel: &str, except: ConnId, frame: &str) {
+            let line = format!("event {channel} {except} {frame}");
+            self.0.lock().unwrap().push(line);
+        }
+        fn interested(&self, _: &str) -> bool {
+            true
+        }
+        fn gap(&self, _: &str, _: Option<&plaza_core::Position>, _: bool) {}
+    }
+
+    #[test]
+    fn relayed_messages_round_trip_and_junk_is_dropped() {
+        let sink = Seen::default();
+        let channel = ChannelName::from_stored("news");
+        let data = Payload::from_json_text(r#"{"a":"b c"}"#).unwrap();
+        relay(&sink, &channel, plain_message(&data).as_bytes(), "test");
+        relay(
+            &sink,
+            &channel,
+            event_message(42, r#"{"x":1}"#).as_bytes(),
+            "test",
+        );
+        for junk in ["", "n ", "n {", "e 42", "e x {}", "h 1 2 3", "zz"] {
+            relay(&sink, &channel, junk.as_bytes(), "test");
+        }
+        relay(&sink, &channel, &[b'n', b' ', 0xff], "test");
+        assert_eq!(
+            *sink.0.lock().unwrap(),
+            vec![r#"deliver news {"a":"b c"}"#, r#"event news 42 {"x":1}"#]
+        );
+    }
 
     #[test]
     fn client_json_round_trips() {

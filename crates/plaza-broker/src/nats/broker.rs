@@ -21,10 +21,12 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, stream};
 use futures_util::StreamExt;
-use plaza_core::{ChannelName, ClientInfo, ConnId, Payload, Publication};
+use plaza_core::{ChannelName, ClientInfo, ConnId, Publication};
 
 use super::{Names, NatsOptions, unavailable};
-use crate::shared::{client_from_json, client_json, conn_id_base};
+use crate::shared::{
+    client_from_json, client_json, conn_id_base, event_message, plain_message, relay,
+};
 use crate::{BoxFuture, Broker, BrokerError, PublicationSink};
 
 /// How long a listing of presence or nodes waits for the entries it was promised.
@@ -217,7 +219,7 @@ impl Broker for NatsBroker {
             if publication.position.is_some() {
                 return Ok(());
             }
-            let message = format!("n {}", publication.data.as_str());
+            let message = plain_message(&publication.data);
             self.publish_raw(publication.channel.as_str(), message)
                 .await
         })
@@ -237,12 +239,10 @@ impl Broker for NatsBroker {
             self.client.flush().await.map_err(unavailable)?;
             let sink = Arc::clone(&self.sink);
             let name = ChannelName::from_stored(&channel);
-            // The task holds what dispatching needs, not the broker, so dropping the broker
-            // ends nothing early and a channel's task ends with its subscription.
-            let dispatcher = Dispatcher { sink, name };
+            // The task holds the sink, not the broker: it ends with its subscription.
             let task = tokio::spawn(async move {
                 while let Some(message) = subscriber.next().await {
-                    dispatcher.dispatch(&message.payload);
+                    relay(&*sink, &name, &message.payload, "NATS");
                 }
             });
             subscriptions.insert(channel, task);
@@ -271,7 +271,7 @@ impl Broker for NatsBroker {
         frame: String,
     ) -> BoxFuture<'_, Result<(), BrokerError>> {
         Box::pin(async move {
-            self.publish_raw(&channel, format!("e {except} {frame}"))
+            self.publish_raw(&channel, event_message(except, &frame))
                 .await
         })
     }
@@ -326,46 +326,5 @@ impl Broker for NatsBroker {
             nodes.sort();
             Ok(Some(nodes))
         })
-    }
-}
-
-/// What a channel's subscription task needs to hand messages to the node.
-struct Dispatcher {
-    sink: Arc<dyn PublicationSink>,
-    name: ChannelName,
-}
-
-impl Dispatcher {
-    /// Handles one message of a channel's core subject: `n <data>` or `e <except> <frame>`.
-    fn dispatch(&self, message: &[u8]) {
-        let channel = &self.name;
-        let Ok(message) = std::str::from_utf8(message) else {
-            tracing::warn!(channel = %channel, "non-UTF-8 message from NATS ignored");
-            return;
-        };
-        let (kind, rest) = message.split_at(message.len().min(2));
-        match kind {
-            "n " => match Payload::from_json_text(rest.to_owned()) {
-                Ok(data) => self.sink.deliver(&Publication {
-                    channel: channel.clone(),
-                    data,
-                    position: None,
-                }),
-                Err(_) => {
-                    tracing::warn!(channel = %channel, "non-JSON publication from NATS ignored")
-                }
-            },
-            "e " => {
-                let Some((Ok(except), frame)) = rest
-                    .split_once(' ')
-                    .map(|(except, frame)| (except.parse::<ConnId>(), frame))
-                else {
-                    tracing::warn!(channel = %channel, "malformed event from NATS ignored");
-                    return;
-                };
-                self.sink.event(channel.as_str(), except, frame);
-            }
-            _ => tracing::warn!(channel = %channel, "unknown message from NATS ignored"),
-        }
     }
 }

@@ -21,7 +21,10 @@ use redis::aio::{ConnectionManager, PubSubSink};
 use redis::{Client, Script};
 
 use super::{Keys, RedisOptions, RedisStore, scripts, unavailable};
-use crate::shared::{client_from_json, client_json, conn_id_base, now_ms, ttl_ms};
+use crate::shared::{
+    client_from_json, client_json, conn_id_base, event_message, now_ms, plain_message, relay,
+    ttl_ms,
+};
 use crate::{BoxFuture, Broker, BrokerError, PublicationSink};
 
 pub struct RedisBroker {
@@ -192,28 +195,13 @@ impl RedisBroker {
                     }),
                 });
             }
-            "n " => {
+            _ => {
                 let channel = self
                     .seen_entry(&mut lock(&self.seen), stream)
                     .channel
                     .clone();
-                self.sink.deliver(&Publication {
-                    channel,
-                    data: Payload::from_trusted(rest.to_owned()),
-                    position: None,
-                });
+                relay(&*self.sink, &channel, message.as_bytes(), "Redis");
             }
-            "e " => {
-                let Some((Ok(except), frame)) = rest
-                    .split_once(' ')
-                    .map(|(except, frame)| (except.parse::<ConnId>(), frame))
-                else {
-                    tracing::warn!(channel = %stream, "malformed event from Redis ignored");
-                    return;
-                };
-                self.sink.event(stream, except, frame);
-            }
-            _ => tracing::warn!(channel = %stream, "unknown message from Redis ignored"),
         }
     }
 
@@ -377,7 +365,7 @@ impl Broker for RedisBroker {
             if publication.position.is_some() {
                 return Ok(());
             }
-            let message = format!("n {}", publication.data.as_str());
+            let message = plain_message(&publication.data);
             self.publish_raw(publication.channel.as_str(), message)
                 .await
         })
@@ -428,7 +416,7 @@ impl Broker for RedisBroker {
         frame: String,
     ) -> BoxFuture<'_, Result<(), BrokerError>> {
         Box::pin(async move {
-            self.publish_raw(&channel, format!("e {except} {frame}"))
+            self.publish_raw(&channel, event_message(except, &frame))
                 .await
         })
     }
