@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use plaza_core::{ChannelName, ClientInfo, ConnId, Payload, Publication};
 use serde_json::{Value as Json, json};
 
-use crate::PublicationSink;
+use crate::{BrokerError, PublicationSink};
 
 /// A publication without history, as relayed between nodes: `n <data>`.
 pub(crate) fn plain_message(data: &Payload) -> String {
@@ -83,7 +83,19 @@ pub(crate) fn client_json(client: &ClientInfo) -> String {
     json!({"user": client.user, "client": client.client, "info": info}).to_string()
 }
 
-pub(crate) fn client_from_json(text: &str) -> Option<ClientInfo> {
+/// The presence entries of `channel` read back from the engine; one of another shape is an error.
+pub(crate) fn clients_from_json(
+    channel: &str,
+    values: &[String],
+) -> Result<Vec<ClientInfo>, BrokerError> {
+    values
+        .iter()
+        .map(|v| client_from_json(v))
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(|| BrokerError::Corrupt(format!("a presence entry of '{channel}'")))
+}
+
+fn client_from_json(text: &str) -> Option<ClientInfo> {
     let value: Json = serde_json::from_str(text).ok()?;
     let info = match value.get("info") {
         None | Some(Json::Null) => None,

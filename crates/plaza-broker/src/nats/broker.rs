@@ -25,7 +25,7 @@ use plaza_core::{ChannelName, ClientInfo, ConnId, Publication};
 
 use super::{Names, NatsOptions, unavailable};
 use crate::shared::{
-    client_from_json, client_json, conn_id_base, event_message, plain_message, relay,
+    client_json, clients_from_json, conn_id_base, event_message, plain_message, relay,
 };
 use crate::{BoxFuture, Broker, BrokerError, PublicationSink};
 
@@ -311,12 +311,7 @@ impl Broker for NatsBroker {
     ) -> BoxFuture<'_, Result<Option<Vec<ClientInfo>>, BrokerError>> {
         Box::pin(async move {
             let values = self.list_live(self.names.presence_of(&channel)).await?;
-            values
-                .iter()
-                .map(|v| client_from_json(v))
-                .collect::<Option<Vec<_>>>()
-                .map(Some)
-                .ok_or_else(|| BrokerError::Corrupt(format!("a presence entry of '{channel}'")))
+            clients_from_json(&channel, &values).map(Some)
         })
     }
 

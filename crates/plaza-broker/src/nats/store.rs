@@ -232,14 +232,18 @@ async fn write(
                 Err(e) => fail(&shared, request, backend(e)),
             }
         }
+        let mut stored = false;
         for (request, ack) in acks {
-            if let Err(e) = ack.await {
+            match ack.await {
+                Ok(_) => stored = true,
                 // Not stored, or unknown (a timeout): the caller hears so unless the fold has
                 // answered already.
-                fail(&shared, request, backend(e));
+                Err(e) => fail(&shared, request, backend(e)),
             }
         }
-        shared.commits.fetch_add(1, Relaxed);
+        if stored {
+            shared.commits.fetch_add(1, Relaxed);
+        }
     }
 }
 

@@ -22,7 +22,7 @@ use redis::{Client, Script};
 
 use super::{Keys, RedisOptions, RedisStore, scripts, unavailable};
 use crate::shared::{
-    client_from_json, client_json, conn_id_base, event_message, now_ms, plain_message, relay,
+    client_json, clients_from_json, conn_id_base, event_message, now_ms, plain_message, relay,
     ttl_ms,
 };
 use crate::{BoxFuture, Broker, BrokerError, PublicationSink};
@@ -488,12 +488,7 @@ impl Broker for RedisBroker {
                 .invoke_async(&mut conn)
                 .await
                 .map_err(unavailable)?;
-            values
-                .iter()
-                .map(|v| client_from_json(v))
-                .collect::<Option<Vec<_>>>()
-                .map(Some)
-                .ok_or_else(|| BrokerError::Corrupt(format!("a presence entry of '{channel}'")))
+            clients_from_json(&channel, &values).map(Some)
         })
     }
 
