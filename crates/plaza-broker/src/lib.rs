@@ -38,6 +38,14 @@ pub trait PublicationSink: Send + Sync + 'static {
     /// Called once per publication. Must not block: it only queues frames.
     fn deliver(&self, publication: &Publication);
 
+    /// Several publications at once, in order (a [`LocalBroker`] lane's batch). A sink that
+    /// can queue a subscriber's frames for the whole batch at once does so. Must not block.
+    fn deliver_batch(&self, batch: &[Publication]) {
+        for publication in batch {
+            self.deliver(publication);
+        }
+    }
+
     /// An ephemeral frame (presence join/leave, typing, ...) for every local subscriber of
     /// `channel` but the connection `except`. Must not block.
     fn event(&self, channel: &str, except: ConnId, frame: &str);
@@ -60,6 +68,16 @@ pub trait Broker: Send + Sync + 'static {
     /// Sends `publication` to every node with interest in its channel, this one included. Returns
     /// once the broker has taken it.
     fn publish(&self, publication: Publication) -> BoxFuture<'_, Result<(), BrokerError>>;
+
+    /// [`Broker::publish`], resolving only once this node's own subscribers have the publication
+    /// queued, for protocols that must answer a publish after its fan-out (Snorky). A broker
+    /// that relays through a server cannot promise that; it keeps this default.
+    fn publish_delivered(
+        &self,
+        publication: Publication,
+    ) -> BoxFuture<'_, Result<(), BrokerError>> {
+        self.publish(publication)
+    }
 
     /// This node now has at least one subscriber on `channel`.
     fn subscribe(&self, channel: Arc<str>) -> BoxFuture<'_, Result<(), BrokerError>>;

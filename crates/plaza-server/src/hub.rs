@@ -273,31 +273,85 @@ impl Hub {
     /// Offers a publication to every subscriber of `channel`. The frame is encoded once, when
     /// the first subscriber is found, so a channel nobody listens to costs no encoding.
     fn fan_out(&self, channel: &str, position: Option<&Position>, data: &Payload) {
-        let offset = position.map(|p| p.offset);
         let mut frame: Option<Utf8Bytes> = None;
         let mut delivered = 0u64;
-        // A refused push has already closed that connection (slow consumer) or found it closing;
-        // the writer counts the disconnect.
         self.index.for_each_subscriber(channel, |_, subscriber| {
-            if let Some(frames) = &subscriber.frames {
-                delivered += frames.offer(&subscriber.conn, data);
-                return;
-            }
-            if let Some(encoder) = &subscriber.encoder {
-                match encoder.encode(offset, data) {
-                    Some(own) => delivered += u64::from(subscriber.offer(offset, &own)),
-                    // Nothing to send, but the entry counts: the next one is no gap.
-                    None => subscriber.skip(offset),
-                }
-                return;
-            }
-            let frame = frame.get_or_insert_with(|| {
-                Utf8Bytes::from(native::encode_publication_parts(channel, position, data))
-            });
-            delivered += u64::from(subscriber.offer(offset, frame));
+            delivered += offer(subscriber, channel, position, data, &mut frame);
         });
         self.metrics.deliveries_total.fetch_add(delivered, Relaxed);
     }
+
+    /// Offers consecutive publications of one channel to every subscriber. A live subscriber
+    /// of plain frames gets them all under one lock and one wake-up of its writer; the others
+    /// get them one by one.
+    fn fan_out_run(&self, run: &[Publication]) {
+        let Some(first) = run.first() else { return };
+        let channel = first.channel.as_str();
+        let follows_offsets = run.iter().any(|p| p.position.is_some());
+        let mut frames: Vec<Utf8Bytes> = Vec::new();
+        let mut delivered = 0u64;
+        self.index.for_each_subscriber(channel, |_, subscriber| {
+            let plain = subscriber.frames.is_none() && subscriber.encoder.is_none();
+            if plain && frames.is_empty() {
+                frames = run
+                    .iter()
+                    .map(|p| {
+                        Utf8Bytes::from(native::encode_publication_parts(
+                            channel,
+                            p.position.as_ref(),
+                            &p.data,
+                        ))
+                    })
+                    .collect();
+            }
+            if plain && !follows_offsets && !subscriber.parking.load(Acquire) {
+                delivered += subscriber.conn.push_texts(&frames) as u64;
+                return;
+            }
+            for (i, p) in run.iter().enumerate() {
+                let mut frame = frames.get(i).cloned();
+                delivered += offer(
+                    subscriber,
+                    channel,
+                    p.position.as_ref(),
+                    &p.data,
+                    &mut frame,
+                );
+            }
+        });
+        self.metrics.deliveries_total.fetch_add(delivered, Relaxed);
+    }
+}
+
+/// Offers one publication to one subscriber; returns how many frames were queued. `frame` is
+/// the native frame, encoded here on first need and kept for the next subscriber. A refused
+/// push has already closed that connection (slow consumer) or found it closing; the writer
+/// counts the disconnect.
+fn offer(
+    subscriber: &Subscriber,
+    channel: &str,
+    position: Option<&Position>,
+    data: &Payload,
+    frame: &mut Option<Utf8Bytes>,
+) -> u64 {
+    let offset = position.map(|p| p.offset);
+    if let Some(frames) = &subscriber.frames {
+        return frames.offer(&subscriber.conn, data);
+    }
+    if let Some(encoder) = &subscriber.encoder {
+        return match encoder.encode(offset, data) {
+            Some(own) => u64::from(subscriber.offer(offset, &own)),
+            // Nothing to send, but the entry counts: the next one is no gap.
+            None => {
+                subscriber.skip(offset);
+                0
+            }
+        };
+    }
+    let frame = frame.get_or_insert_with(|| {
+        Utf8Bytes::from(native::encode_publication_parts(channel, position, data))
+    });
+    u64::from(subscriber.offer(offset, frame))
 }
 
 impl PublicationSink for Hub {
@@ -307,6 +361,12 @@ impl PublicationSink for Hub {
             publication.position.as_ref(),
             &publication.data,
         );
+    }
+
+    fn deliver_batch(&self, batch: &[Publication]) {
+        for run in batch.chunk_by(|a, b| a.channel == b.channel) {
+            self.fan_out_run(run);
+        }
     }
 
     fn event(&self, channel: &str, except: ConnId, frame: &str) {

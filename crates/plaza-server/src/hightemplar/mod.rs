@@ -316,6 +316,7 @@ impl HighTemplar {
 
     /// Delivers a trigger to this node's subscribers only (RabbitMQ: every node consumes the
     /// exchange itself). A room listed twice is delivered twice.
+    #[cfg(feature = "amqp")]
     pub fn deliver_local(&self, trigger: &Trigger) {
         let Ok(data) = Payload::from_json_text(trigger.data.clone()) else {
             tracing::warn!("High-templar trigger data could not be re-encoded; dropped");

@@ -186,17 +186,22 @@ impl Snorky {
     }
 
     /// Publishes a whole frame to a hub channel (through the broker, so every node's
-    /// subscribers get it).
+    /// subscribers get it). With one node, the subscribers have it queued before this returns:
+    /// Snorky sends the publisher's own notification before the response to its publish.
     async fn publish_frame(&self, channel: ChannelName, frame: String) -> Result<(), &'static str> {
         let publication = Publication {
             channel,
             data: Payload::from_trusted(frame),
             position: None,
         };
-        self.node.broker.publish(publication).await.map_err(|e| {
-            tracing::warn!(error = %e, "Snorky publish: broker failed");
-            proto::INTERNAL_ERROR
-        })?;
+        self.node
+            .broker
+            .publish_delivered(publication)
+            .await
+            .map_err(|e| {
+                tracing::warn!(error = %e, "Snorky publish: broker failed");
+                proto::INTERNAL_ERROR
+            })?;
         self.node
             .hub
             .metrics
