@@ -26,6 +26,8 @@ const QUIET_CLOSE: u16 = 1;
 /// What the writer sends on the socket.
 #[derive(Debug)]
 pub enum Outgoing {
+    /// A text frame. On a native connection it may hold several objects, one per line (a batch
+    /// of publications queued at once); other protocols queue one message per item.
     Text(Utf8Bytes),
     Ping,
     /// Close after everything queued before it (the reply that explains why).
@@ -190,36 +192,6 @@ impl ConnHandle {
         }
         self.wake_writer();
         Ok(())
-    }
-
-    /// Queues several text frames under one lock and with one wake-up (a batch of publications
-    /// for one subscriber), enforcing the byte limit like [`ConnHandle::push_text`]. Returns
-    /// how many were queued: all of them, or those before the one that overflowed (the
-    /// connection is then closing as a slow consumer).
-    pub fn push_texts(&self, frames: &[Utf8Bytes]) -> usize {
-        if self.is_closing() || self.draining.load(Ordering::Acquire) {
-            return 0;
-        }
-        let mut queued = 0;
-        let mut overflow = false;
-        {
-            let mut queue = self.lock();
-            for frame in frames {
-                if queue.bytes + frame.len() > self.max_queue_bytes {
-                    overflow = true;
-                    break;
-                }
-                queue.bytes += frame.len();
-                queue.items.push_back(Outgoing::Text(frame.clone()));
-                queued += 1;
-            }
-        }
-        if overflow {
-            self.close(CloseCode::SlowConsumer);
-        } else if queued > 0 {
-            self.wake_writer();
-        }
-        queued
     }
 
     /// Queues a frame that costs no queue bytes (pings, the close marker).
@@ -421,24 +393,6 @@ mod tests {
         assert!(q.poll_take(&mut cx, &mut into, true).is_pending());
         h.close(CloseCode::Shutdown);
         assert_eq!(count.0.load(Ordering::SeqCst), 2);
-    }
-
-    #[test]
-    fn a_batch_is_queued_in_order_up_to_the_limit() {
-        let (h, mut q) = ConnHandle::new(1, 10, Instant::now());
-        assert_eq!(h.push_texts(&[text(3), text(4)]), 2);
-        let lens: Vec<usize> = take(&mut q)
-            .iter()
-            .map(|o| match o {
-                Outgoing::Text(t) => t.len(),
-                _ => 0,
-            })
-            .collect();
-        assert_eq!(lens, [3, 4]);
-        // The third does not fit: the first two are queued, the connection closes.
-        assert_eq!(h.push_texts(&[text(4), text(4), text(4)]), 2);
-        assert_eq!(h.close_code(), Some(CloseCode::SlowConsumer));
-        assert_eq!(h.push_texts(&[text(1)]), 0);
     }
 
     #[test]

@@ -281,32 +281,42 @@ impl Hub {
         self.metrics.deliveries_total.fetch_add(delivered, Relaxed);
     }
 
-    /// Offers consecutive publications of one channel to every subscriber. A live subscriber
-    /// of plain frames gets them all under one lock and one wake-up of its writer; the others
-    /// get them one by one.
+    /// Offers consecutive publications of one channel to every subscriber. A live native
+    /// subscriber gets them all as one queued text, one publication per line (the wire's
+    /// framing, docs/PROTOCOL.md "Frames"): one lock, one reference and one wake-up of its writer
+    /// for the whole run. The others get them one by one.
     fn fan_out_run(&self, run: &[Publication]) {
         let Some(first) = run.first() else { return };
         let channel = first.channel.as_str();
         let follows_offsets = run.iter().any(|p| p.position.is_some());
+        let encode = |p: &Publication| {
+            native::encode_publication_parts(channel, p.position.as_ref(), &p.data)
+        };
+        let mut lines: Option<Utf8Bytes> = None;
         let mut frames: Vec<Utf8Bytes> = Vec::new();
         let mut delivered = 0u64;
         self.index.for_each_subscriber(channel, |_, subscriber| {
             let plain = subscriber.frames.is_none() && subscriber.encoder.is_none();
-            if plain && frames.is_empty() {
-                frames = run
-                    .iter()
-                    .map(|p| {
-                        Utf8Bytes::from(native::encode_publication_parts(
-                            channel,
-                            p.position.as_ref(),
-                            &p.data,
-                        ))
-                    })
-                    .collect();
-            }
             if plain && !follows_offsets && !subscriber.parking.load(Acquire) {
-                delivered += subscriber.conn.push_texts(&frames) as u64;
+                let lines = lines.get_or_insert_with(|| {
+                    let mut text = String::new();
+                    for (i, p) in run.iter().enumerate() {
+                        if i > 0 {
+                            text.push('\n');
+                        }
+                        let frame = encode(p);
+                        debug_assert!(!frame.contains('\n'), "a frame is one line: {frame}");
+                        text.push_str(&frame);
+                    }
+                    Utf8Bytes::from(text)
+                });
+                if subscriber.conn.push_text(lines.clone()).is_ok() {
+                    delivered += run.len() as u64;
+                }
                 return;
+            }
+            if plain && frames.is_empty() {
+                frames = run.iter().map(|p| Utf8Bytes::from(encode(p))).collect();
             }
             for (i, p) in run.iter().enumerate() {
                 let mut frame = frames.get(i).cloned();
@@ -469,6 +479,57 @@ mod tests {
         assert_eq!(c.close_code(), None);
         append(&hub, 3);
         assert_eq!(c.close_code(), Some(CloseCode::Resync));
+    }
+
+    fn publication(data: &str, offset: Option<u64>) -> Publication {
+        Publication {
+            channel: plaza_core::ChannelName::parse("s", 10).unwrap(),
+            data: Payload::from_json_text(data.to_owned()).unwrap(),
+            position: offset.map(|offset| Position {
+                epoch: "e".into(),
+                offset,
+            }),
+        }
+    }
+
+    /// The texts queued on `queue`.
+    fn queued(queue: &mut crate::conn::Queue) -> Vec<String> {
+        std::iter::from_fn(|| queue.try_recv())
+            .map(|item| match item {
+                crate::conn::Outgoing::Text(t) => t.as_str().to_owned(),
+                other => format!("{other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_batch_reaches_a_live_subscriber_as_one_text() {
+        let hub = Hub::default();
+        let (live, mut queue) = conn(1);
+        hub.subscribe(&Arc::from("s"), Subscriber::live(Arc::clone(&live)));
+        hub.deliver_batch(&[1, 2, 3].map(|n| publication(&n.to_string(), None)));
+        let frame = |n| format!(r#"{{"push":"publication","channel":"s","data":{n}}}"#);
+        assert_eq!(
+            queued(&mut queue),
+            [[frame(1), frame(2), frame(3)].join("\n")]
+        );
+        assert_eq!(hub.metrics.deliveries_total.load(Relaxed), 3);
+    }
+
+    #[test]
+    fn a_batch_with_offsets_goes_frame_by_frame_through_the_parking() {
+        let hub = Hub::default();
+        let (parked, mut queue) = conn(1);
+        let subscriber = Subscriber::parked(Arc::clone(&parked));
+        hub.subscribe(&Arc::from("s"), Arc::clone(&subscriber));
+        hub.deliver_batch(&[1, 2, 3].map(|n| publication(&n.to_string(), Some(n))));
+        assert!(queued(&mut queue).is_empty());
+        // Offset 1 was recovered from history: only 2 and 3 follow, one frame each.
+        subscriber.unpark(Vec::new(), 1);
+        let frame = |n| {
+            format!(r#"{{"push":"publication","channel":"s","epoch":"e","offset":{n},"data":{n}}}"#)
+        };
+        assert_eq!(queued(&mut queue), [frame(2), frame(3)]);
     }
 
     #[test]
