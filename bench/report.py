@@ -212,6 +212,7 @@ def main():
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "elapsed_secs": int(elapsed),
         "machine": machine(),
+        "pinning": os.environ.get("BENCH_PINNING", "unknown"),
         "versions": versions(root),
         "skipped": skipped,
         "runs": runs,
@@ -225,6 +226,8 @@ def main():
         "## Peer benchmark, {} ({} CPUs, {:.0f} GiB, {}, {} s)".format(
             doc["date"], m.get("cpus"), m.get("mem_kib", 0) / 2**20, m.get("os", "?"),
             doc["elapsed_secs"]),
+        "",
+        "Cores: {}.".format(doc["pinning"]),
         "",
     ]
     labels = []

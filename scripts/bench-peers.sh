@@ -26,7 +26,10 @@
 # Environment: SKIP_BUILD=1 (reuse target/release), SKIP_INSTALL=1, PUBS (2000), WINDOW (16),
 # CONNS (10000), CHAT_ROOMS (50), CHAT_MEMBERS (20), CHAT_SECS (20), MAX_DELIVERIES_SOCKETIO
 # (4000000), MAX_DELIVERIES_SNORKY (400000), MAX_DELIVERIES_HIGHTEMPLAR (200000), RUN_TIMEOUT
-# (300 s per run), PYTHON (python3), TASKSET (e.g. "taskset -c 1" to pin the load generator).
+# (300 s per run), PYTHON (python3), PIN (1: the server under test and its helpers run on the
+# first half of the CPUs, the load generator on the other half, so the two never compete for a
+# core; 0: no pinning, both share every core), SERVER_CPUS and BENCH_CPUS (taskset lists, to
+# override the split).
 # Exit status: 0 when every run was clean, 2 when a run finished with problems or a peer could
 # not be run (see the table and the JSON), 1 when nothing could be run.
 set -euo pipefail
@@ -47,7 +50,7 @@ CHAT_ROOMS="${CHAT_ROOMS:-50}"
 CHAT_MEMBERS="${CHAT_MEMBERS:-20}"
 CHAT_SECS="${CHAT_SECS:-20}"
 RUN_TIMEOUT="${RUN_TIMEOUT:-300}"
-TASKSET="${TASKSET:-}"
+PIN="${PIN:-1}"
 BIG=0
 for arg in "$@"; do
     case "$arg" in
@@ -64,6 +67,21 @@ for arg in "$@"; do
 done
 
 log() { echo "bench-peers: $*" >&2; }
+
+# Which cores the servers and the load generator run on.
+SERVER_ON=()
+BENCH_ON=()
+NCPU="$(nproc)"
+if [[ "$PIN" == 1 && "$NCPU" -ge 2 ]]; then
+    SERVER_CPUS="${SERVER_CPUS:-0-$((NCPU / 2 - 1))}"
+    BENCH_CPUS="${BENCH_CPUS:-$((NCPU / 2))-$((NCPU - 1))}"
+    SERVER_ON=(taskset -c "$SERVER_CPUS")
+    BENCH_ON=(taskset -c "$BENCH_CPUS")
+    export BENCH_PINNING="servers on CPUs $SERVER_CPUS, load generator on CPUs $BENCH_CPUS"
+else
+    export BENCH_PINNING="not pinned: servers and load generator share all $NCPU CPUs"
+fi
+log "$BENCH_PINNING"
 
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 log "open files limit $(ulimit -n)"
@@ -245,7 +263,7 @@ start_plaza() {
 [namespaces.chat]
 client_publish = true
 EOF
-    "$PLAZA" serve --config "$TMP/plaza.toml" --listen "127.0.0.1:$ws" \
+    ${SERVER_ON[@]+"${SERVER_ON[@]}"} "$PLAZA" serve --config "$TMP/plaza.toml" --listen "127.0.0.1:$ws" \
         --backend-listen "127.0.0.1:$api" --data-dir "$TMP/plaza-data" >"$TMP/server.log" 2>&1 &
     SERVER_PID=$!
     PIDS+=("$SERVER_PID")
@@ -263,7 +281,7 @@ websocket {
   no_tls: true
 }
 EOF
-    nats-server -c "$TMP/nats.conf" >"$TMP/server.log" 2>&1 &
+    ${SERVER_ON[@]+"${SERVER_ON[@]}"} nats-server -c "$TMP/nats.conf" >"$TMP/server.log" 2>&1 &
     SERVER_PID=$!
     PIDS+=("$SERVER_PID")
     wait_port "$ws" "$SERVER_PID" || return 1
@@ -273,7 +291,7 @@ EOF
 start_socketio() {
     local port
     read -r port < <(free_ports 1)
-    PORT="$port" node "$PEERS_DIR/socketio-server.js" >"$TMP/server.log" 2>&1 &
+    PORT="$port" ${SERVER_ON[@]+"${SERVER_ON[@]}"} node "$PEERS_DIR/socketio-server.js" >"$TMP/server.log" 2>&1 &
     SERVER_PID=$!
     PIDS+=("$SERVER_PID")
     wait_port "$port" "$SERVER_PID" || return 1
@@ -283,7 +301,7 @@ start_socketio() {
 start_snorky() {
     local ws api
     read -r ws api < <(free_ports 2)
-    SNORKY_KEY="$KEY" "$VENV_DIR/snorky/bin/python" "$PEERS_DIR/snorky_server.py" "$ws" "$api" \
+    SNORKY_KEY="$KEY" ${SERVER_ON[@]+"${SERVER_ON[@]}"} "$VENV_DIR/snorky/bin/python" "$PEERS_DIR/snorky_server.py" "$ws" "$api" \
         >"$TMP/server.log" 2>&1 &
     SERVER_PID=$!
     PIDS+=("$SERVER_PID")
@@ -304,7 +322,7 @@ start_rabbitmq() {
     echo '[].' >"$d/enabled_plugins"
     printf 'listeners.tcp.default = 127.0.0.1:%s\ndefault_user = bench\ndefault_pass = bench\n' \
         "$AMQP_PORT" >"$d/rabbitmq.conf"
-    env HOME="$d" RABBITMQ_NODENAME="plazabench$$@localhost" RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 \
+    ${SERVER_ON[@]+"${SERVER_ON[@]}"} env HOME="$d" RABBITMQ_NODENAME="plazabench$$@localhost" RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 \
         RABBITMQ_NODE_PORT="$AMQP_PORT" RABBITMQ_DIST_PORT="$dist" ERL_EPMD_PORT="$epmd" \
         ERL_EPMD_ADDRESS=127.0.0.1 RABBITMQ_MNESIA_BASE="$d/mnesia" RABBITMQ_LOG_BASE="$d/log" \
         RABBITMQ_ENABLED_PLUGINS_FILE="$d/enabled_plugins" RABBITMQ_CONFIG_FILE="$d/rabbitmq" \
@@ -324,7 +342,8 @@ start_rabbitmq() {
     [[ -z "$beam" ]] || PIDS+=("$beam")
     EPMD_PID="$(ss -ltnpH "sport = :$epmd" 2>/dev/null | grep -o 'pid=[0-9]*' | head -n1 |
         cut -d= -f2 || true)"
-    "$VENV_DIR/hightemplar/bin/python" "$PEERS_DIR/mock_app.py" "$MOCK_PORT" \
+    ${SERVER_ON[@]+"${SERVER_ON[@]}"} "$VENV_DIR/hightemplar/bin/python" "$PEERS_DIR/mock_app.py" \
+        "$MOCK_PORT" \
         >"$TMP/mock.log" 2>&1 &
     MOCK_PID=$!
     PIDS+=("$MOCK_PID")
@@ -337,7 +356,7 @@ start_hightemplar() {
     fi
     local port
     read -r port < <(free_ports 1)
-    (cd "$PEERS_DIR" && exec env HT_API_URL="http://127.0.0.1:$MOCK_PORT/api/" \
+    (cd "$PEERS_DIR" && exec ${SERVER_ON[@]+"${SERVER_ON[@]}"} env HT_API_URL="http://127.0.0.1:$MOCK_PORT/api/" \
         HT_AMQP_HOST="127.0.0.1:$AMQP_PORT" HT_AMQP_USER=bench HT_AMQP_PASS=bench \
         "$VENV_DIR/hightemplar/bin/python" hightemplar_app.py "$port") >"$TMP/server.log" 2>&1 &
     SERVER_PID=$!
@@ -396,8 +415,8 @@ run_one() {
     fi
     local rc=0 out="$TMP/out.json"
     : >"$out"
-    # shellcheck disable=SC2086
-    timeout -k 10 "$((RUN_TIMEOUT + 60))" $TASKSET "$BENCH" "$scenario" "${TARGET[@]}" \
+    timeout -k 10 "$((RUN_TIMEOUT + 60))" ${BENCH_ON[@]+"${BENCH_ON[@]}"} "$BENCH" "$scenario" \
+        "${TARGET[@]}" \
         --server-pid "$SERVER_PID" --timeout-secs "$RUN_TIMEOUT" --progress-secs 5 "$@" \
         >"$out" || rc=$?
     stop_pid "$SERVER_PID"

@@ -46,6 +46,13 @@ pub trait PublicationSink: Send + Sync + 'static {
         }
     }
 
+    /// Whether some connections still have frames queued that their writers have not taken: a
+    /// [`LocalBroker`] lane then gives them a few turns before it delivers its next batch, so
+    /// that no subscriber falls more than about one batch behind the others.
+    fn writers_behind(&self) -> bool {
+        false
+    }
+
     /// An ephemeral frame (presence join/leave, typing, ...) for every local subscriber of
     /// `channel` but the connection `except`. Must not block.
     fn event(&self, channel: &str, except: ConnId, frame: &str);

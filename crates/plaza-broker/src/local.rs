@@ -26,6 +26,10 @@ const LANES: usize = 8;
 /// waits for its fan-out (one pass) and how much a pass batches.
 const LANE_CAPACITY: usize = 32;
 
+/// How many more times a lane yields after a batch while writers are still behind. Each turn
+/// lets the runtime run the tasks queued ahead of the lane (a few hundred writers on one worker).
+const MAX_TURNS_FOR_WRITERS: usize = 16;
+
 pub struct LocalBroker {
     sink: Arc<dyn PublicationSink>,
     lanes: Box<[mpsc::Sender<Queued>]>,
@@ -94,8 +98,15 @@ async fn run_lane(sink: Arc<dyn PublicationSink>, mut lane: mpsc::Receiver<Queue
             // A publisher that stopped waiting needs no answer.
             let _ = publisher.send(());
         }
-        // Behind the writers this batch woke: what arrives meanwhile goes out as the next batch.
+        // Behind the writers this batch woke (a few turns at most: a writer stuck on a slow
+        // socket must not stall the lane): what arrives meanwhile goes out as the next batch.
         tokio::task::yield_now().await;
+        for _ in 0..MAX_TURNS_FOR_WRITERS {
+            if !sink.writers_behind() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
     }
 }
 
@@ -150,6 +161,9 @@ mod tests {
     struct Recorder {
         delivered: Mutex<Vec<String>>,
         batches: Mutex<Vec<usize>>,
+        /// What `writers_behind` answers, and how often it was asked.
+        stuck_writers: bool,
+        asked: std::sync::atomic::AtomicUsize,
     }
 
     impl PublicationSink for Recorder {
@@ -162,6 +176,11 @@ mod tests {
         fn deliver_batch(&self, batch: &[Publication]) {
             self.batches.lock().unwrap().push(batch.len());
             batch.iter().for_each(|p| self.deliver(p));
+        }
+        fn writers_behind(&self) -> bool {
+            self.asked
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.stuck_writers
         }
         fn event(&self, _: &str, _: ConnId, _: &str) {}
         fn interested(&self, _: &str) -> bool {
@@ -230,6 +249,20 @@ mod tests {
         broker.publish_delivered(publication("a", 1)).await.unwrap();
         // No wait: both are already delivered, in order.
         assert_eq!(*rec.delivered.lock().unwrap(), ["a=0", "a=1"]);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn writers_that_stay_behind_do_not_stall_a_lane() {
+        let rec = Arc::new(Recorder {
+            stuck_writers: true,
+            ..Recorder::default()
+        });
+        let broker = LocalBroker::new(rec.clone());
+        broker.publish_delivered(publication("a", 0)).await.unwrap();
+        broker.publish_delivered(publication("a", 1)).await.unwrap();
+        assert_eq!(*rec.delivered.lock().unwrap(), ["a=0", "a=1"]);
+        // The lane gave the writers its bounded number of turns after the first batch.
+        assert!(rec.asked.load(std::sync::atomic::Ordering::Relaxed) >= MAX_TURNS_FOR_WRITERS);
     }
 
     #[tokio::test(flavor = "current_thread")]

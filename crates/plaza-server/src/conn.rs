@@ -10,7 +10,7 @@
 //! holds no allocation (the writer drops the buffers when it finds the queue empty).
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -43,11 +43,42 @@ struct QueueState {
 }
 
 /// What the handle and the writer's [`Queue`] share.
-#[derive(Default)]
 struct Shared {
     state: Mutex<QueueState>,
     /// The connection's task, woken by a push or a close.
     writer: AtomicWaker,
+    /// Counts this connection while its queue is not empty.
+    backlog: Backlog,
+}
+
+/// How many connections have frames queued that their writer has not taken yet. The hub's
+/// fan-out lanes read it to let the writers they woke run before fanning out the next batch: on a
+/// busy node that keeps every subscriber one batch behind at most, rather than some many.
+#[derive(Debug, Clone, Default)]
+pub struct Backlog(Arc<AtomicUsize>);
+
+impl Backlog {
+    pub fn connections(&self) -> usize {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    fn add(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn remove(&self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // Frames left behind by a closed connection are no one's backlog any more.
+        let state = self.state.get_mut().unwrap_or_else(PoisonError::into_inner);
+        if !state.items.is_empty() {
+            self.backlog.remove();
+        }
+    }
 }
 
 impl Shared {
@@ -89,6 +120,7 @@ impl Queue {
         }
         std::mem::swap(&mut queue.items, into);
         queue.bytes = 0;
+        self.shared.backlog.remove();
         Poll::Ready(())
     }
 
@@ -103,7 +135,12 @@ impl Queue {
         std::future::poll_fn(|cx| {
             let mut queue = self.shared.lock();
             match queue.items.pop_front() {
-                Some(item) => Poll::Ready(Some(item)),
+                Some(item) => {
+                    if queue.items.is_empty() {
+                        self.shared.backlog.remove();
+                    }
+                    Poll::Ready(Some(item))
+                }
                 None => {
                     self.shared.writer.register(cx.waker());
                     Poll::Pending
@@ -114,7 +151,12 @@ impl Queue {
     }
 
     pub fn try_recv(&mut self) -> Option<Outgoing> {
-        self.shared.lock().items.pop_front()
+        let mut queue = self.shared.lock();
+        let item = queue.items.pop_front();
+        if item.is_some() && queue.items.is_empty() {
+            self.shared.backlog.remove();
+        }
+        item
     }
 }
 
@@ -147,8 +189,18 @@ pub struct ConnHandle {
 }
 
 impl ConnHandle {
-    pub fn new(id: ConnId, max_queue_bytes: usize, now: Instant) -> (Self, Queue) {
-        let shared = Arc::new(Shared::default());
+    /// A connection counted in `backlog` (the hub's) while it has frames queued.
+    pub fn new(
+        id: ConnId,
+        max_queue_bytes: usize,
+        now: Instant,
+        backlog: &Backlog,
+    ) -> (Self, Queue) {
+        let shared = Arc::new(Shared {
+            state: Mutex::default(),
+            writer: AtomicWaker::new(),
+            backlog: backlog.clone(),
+        });
         let handle = Self {
             id,
             created: now,
@@ -188,6 +240,9 @@ impl ConnHandle {
                 return Err(PushError::Overflow);
             }
             queue.bytes += len;
+            if queue.items.is_empty() {
+                self.queue.backlog.add();
+            }
             queue.items.push_back(Outgoing::Text(frame));
         }
         self.wake_writer();
@@ -196,7 +251,12 @@ impl ConnHandle {
 
     /// Queues a frame that costs no queue bytes (pings, the close marker).
     fn push_control(&self, item: Outgoing) {
-        self.lock().items.push_back(item);
+        let mut queue = self.lock();
+        if queue.items.is_empty() {
+            self.queue.backlog.add();
+        }
+        queue.items.push_back(item);
+        drop(queue);
         self.wake_writer();
     }
 
@@ -339,7 +399,7 @@ mod tests {
 
     #[tokio::test]
     async fn overflow_closes_as_slow_consumer() {
-        let (h, mut q) = ConnHandle::new(1, 10, Instant::now());
+        let (h, mut q) = ConnHandle::new(1, 10, Instant::now(), &Backlog::default());
         assert_eq!(h.push_text(text(6)), Ok(()));
         assert_eq!(h.push_text(text(5)), Err(PushError::Overflow));
         assert_eq!(h.close_code(), Some(CloseCode::SlowConsumer));
@@ -350,7 +410,7 @@ mod tests {
 
     #[test]
     fn taking_frees_room_and_the_buffer() {
-        let (h, mut q) = ConnHandle::new(1, 10, Instant::now());
+        let (h, mut q) = ConnHandle::new(1, 10, Instant::now(), &Backlog::default());
         assert_eq!(h.push_text(text(10)), Ok(()));
         assert_eq!(take(&mut q).len(), 1);
         assert_eq!(h.push_text(text(4)), Ok(()));
@@ -381,7 +441,7 @@ mod tests {
         }
         let count = Arc::new(Count(AtomicUsize::new(0)));
         let waker = std::task::Waker::from(Arc::clone(&count));
-        let (h, mut q) = ConnHandle::new(1, 100, Instant::now());
+        let (h, mut q) = ConnHandle::new(1, 100, Instant::now(), &Backlog::default());
         let mut into = VecDeque::new();
         let mut cx = Context::from_waker(&waker);
         assert!(q.poll_take(&mut cx, &mut into, true).is_pending());
@@ -396,8 +456,30 @@ mod tests {
     }
 
     #[test]
+    fn the_backlog_counts_connections_with_frames_not_taken() {
+        let backlog = Backlog::default();
+        let (a, mut qa) = ConnHandle::new(1, 100, Instant::now(), &backlog);
+        let (b, mut qb) = ConnHandle::new(2, 100, Instant::now(), &backlog);
+        a.push_text(text(1)).unwrap();
+        a.push_text(text(1)).unwrap();
+        assert_eq!(backlog.connections(), 1);
+        b.push_ping();
+        assert_eq!(backlog.connections(), 2);
+        // Taken whole by the native writer, or one by one by the others.
+        assert_eq!(take(&mut qa).len(), 2);
+        assert_eq!(backlog.connections(), 1);
+        assert!(qb.try_recv().is_some());
+        assert_eq!(backlog.connections(), 0);
+        // A connection that ends with frames still queued leaves the count.
+        b.push_text(text(1)).unwrap();
+        assert_eq!(backlog.connections(), 1);
+        drop((b, qb));
+        assert_eq!(backlog.connections(), 0);
+    }
+
+    #[test]
     fn close_after_queue_comes_after_the_queued_frames() {
-        let (h, mut q) = ConnHandle::new(1, 100, Instant::now());
+        let (h, mut q) = ConnHandle::new(1, 100, Instant::now(), &Backlog::default());
         h.push_text(text(3)).unwrap();
         h.close_after_queue(CloseCode::Unauthorized);
         assert!(h.is_draining());
@@ -410,7 +492,7 @@ mod tests {
 
     #[test]
     fn first_close_code_wins() {
-        let (h, _q) = ConnHandle::new(1, 10, Instant::now());
+        let (h, _q) = ConnHandle::new(1, 10, Instant::now(), &Backlog::default());
         assert!(h.close(CloseCode::NoPong));
         assert!(!h.close(CloseCode::Shutdown));
         assert_eq!(h.close_code(), Some(CloseCode::NoPong));
@@ -418,7 +500,7 @@ mod tests {
 
     #[test]
     fn unanswered_ping_fails_the_next_tick() {
-        let (h, _q) = ConnHandle::new(1, 10, Instant::now());
+        let (h, _q) = ConnHandle::new(1, 10, Instant::now(), &Backlog::default());
         assert!(h.keepalive_tick()); // fresh connection: sends the first ping
         assert!(!h.keepalive_tick()); // nothing heard since: dead
         h.mark_alive();

@@ -14,7 +14,7 @@ use plaza_core::{CloseCode, ConnId, Payload, Position, Publication, Subscription
 use plaza_protocol::native;
 use plaza_store::AppendListener;
 
-use crate::conn::ConnHandle;
+use crate::conn::{Backlog, ConnHandle};
 use crate::metrics::Metrics;
 
 /// A publication held back while a subscriber is parked: `(offset, frame)`, without a frame for
@@ -186,6 +186,9 @@ pub struct Hub {
     index: SubscriptionIndex<Arc<Subscriber>>,
     connections: DashMap<ConnId, Arc<ConnHandle>>,
     pub metrics: Metrics,
+    /// The connections with frames their writers have not taken yet; every [`ConnHandle`] of
+    /// this node counts itself here.
+    pub backlog: Backlog,
 }
 
 impl Default for Hub {
@@ -194,6 +197,7 @@ impl Default for Hub {
             index: SubscriptionIndex::default(),
             connections: DashMap::new(),
             metrics: Metrics::default(),
+            backlog: Backlog::default(),
         }
     }
 }
@@ -373,6 +377,10 @@ impl PublicationSink for Hub {
         );
     }
 
+    fn writers_behind(&self) -> bool {
+        self.backlog.connections() > 0
+    }
+
     fn deliver_batch(&self, batch: &[Publication]) {
         for run in batch.chunk_by(|a, b| a.channel == b.channel) {
             self.fan_out_run(run);
@@ -440,8 +448,8 @@ mod tests {
     }
 
     /// A connection, and its queue (kept, unread, for as long as the test runs).
-    fn conn(id: ConnId) -> (Arc<ConnHandle>, crate::conn::Queue) {
-        let (handle, queue) = ConnHandle::new(id, 1 << 20, Instant::now());
+    fn conn(hub: &Hub, id: ConnId) -> (Arc<ConnHandle>, crate::conn::Queue) {
+        let (handle, queue) = ConnHandle::new(id, 1 << 20, Instant::now(), &hub.backlog);
         (Arc::new(handle), queue)
     }
 
@@ -456,7 +464,7 @@ mod tests {
     #[test]
     fn an_entry_skipped_while_parked_is_no_gap_later() {
         let hub = Hub::default();
-        let (c, _queue) = conn(1);
+        let (c, _queue) = conn(&hub, 1);
         let sub = Subscriber::parked_with_encoder(Arc::clone(&c), Arc::new(OddOnly));
         hub.subscribe(&Arc::from("s"), Arc::clone(&sub));
         append(&hub, 1);
@@ -471,7 +479,7 @@ mod tests {
     #[test]
     fn a_jump_in_offsets_closes_with_resync() {
         let hub = Hub::default();
-        let (c, _queue) = conn(1);
+        let (c, _queue) = conn(&hub, 1);
         let sub = Subscriber::parked(Arc::clone(&c));
         hub.subscribe(&Arc::from("s"), Arc::clone(&sub));
         sub.unpark(Vec::new(), 0);
@@ -505,7 +513,7 @@ mod tests {
     #[test]
     fn a_batch_reaches_a_live_subscriber_as_one_text() {
         let hub = Hub::default();
-        let (live, mut queue) = conn(1);
+        let (live, mut queue) = conn(&hub, 1);
         hub.subscribe(&Arc::from("s"), Subscriber::live(Arc::clone(&live)));
         hub.deliver_batch(&[1, 2, 3].map(|n| publication(&n.to_string(), None)));
         let frame = |n| format!(r#"{{"push":"publication","channel":"s","data":{n}}}"#);
@@ -519,7 +527,7 @@ mod tests {
     #[test]
     fn a_batch_with_offsets_goes_frame_by_frame_through_the_parking() {
         let hub = Hub::default();
-        let (parked, mut queue) = conn(1);
+        let (parked, mut queue) = conn(&hub, 1);
         let subscriber = Subscriber::parked(Arc::clone(&parked));
         hub.subscribe(&Arc::from("s"), Arc::clone(&subscriber));
         hub.deliver_batch(&[1, 2, 3].map(|n| publication(&n.to_string(), Some(n))));
@@ -535,7 +543,7 @@ mod tests {
     #[test]
     fn a_gap_closes_the_subscribers_behind_the_top() {
         let hub = Hub::default();
-        let ((ahead, _q1), (behind, _q2)) = (conn(1), conn(2));
+        let ((ahead, _q1), (behind, _q2)) = (conn(&hub, 1), conn(&hub, 2));
         let channel: Arc<str> = Arc::from("s");
         for (c, last) in [(&ahead, 5), (&behind, 3)] {
             let sub = Subscriber::parked(Arc::clone(c));

@@ -182,7 +182,12 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let id = node.next_conn_id();
-    let (handle, queue) = ConnHandle::new(id, node.settings.limits.max_queue_bytes, Instant::now());
+    let (handle, queue) = ConnHandle::new(
+        id,
+        node.settings.limits.max_queue_bytes,
+        Instant::now(),
+        &node.hub.backlog,
+    );
     let conn = Arc::new(handle);
     node.hub.register(Arc::clone(&conn));
     tracing::debug!(conn = id, "connection opened");

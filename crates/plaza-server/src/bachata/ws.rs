@@ -109,7 +109,12 @@ async fn run(b: Arc<Bachata>, socket: WebSocket, query: Option<String>, forwarde
         tracing::warn!(conn = id, channel, error = %e, "Bachata channel not registered");
         return refuse(socket, CloseCode::Shutdown.code(), "").await;
     }
-    let (handle, queue) = ConnHandle::new(id, node.settings.limits.max_queue_bytes, Instant::now());
+    let (handle, queue) = ConnHandle::new(
+        id,
+        node.settings.limits.max_queue_bytes,
+        Instant::now(),
+        &node.hub.backlog,
+    );
     let conn = Arc::new(handle);
     conn.set_connected(&channel);
     let (work_tx, work_rx) = mpsc::unbounded_channel();

@@ -84,7 +84,12 @@ pub(super) fn close_normally(c: &HtConn) {
 async fn run(ht: Arc<HighTemplar>, socket: WebSocket, allowed: Vec<AllowedRoom>) {
     let node = &ht.node;
     let id = node.next_conn_id();
-    let (handle, queue) = ConnHandle::new(id, node.settings.limits.max_queue_bytes, Instant::now());
+    let (handle, queue) = ConnHandle::new(
+        id,
+        node.settings.limits.max_queue_bytes,
+        Instant::now(),
+        &node.hub.backlog,
+    );
     let conn = Arc::new(handle);
     // No `connect` step in this protocol: the bootstrap was it.
     conn.set_connected("");

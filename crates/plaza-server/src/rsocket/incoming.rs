@@ -84,6 +84,7 @@ impl Attached {
             node.next_conn_id(),
             node.settings.limits.max_queue_bytes,
             Instant::now(),
+            &node.hub.backlog,
         );
         let conn = Arc::new(handle);
         let frames = Arc::new(Frames {

@@ -125,7 +125,12 @@ impl Snorky {
 
 async fn run(s: Arc<Snorky>, socket: WebSocket, id: ConnId, identity: Option<String>) {
     let node = Arc::clone(&s.node);
-    let (handle, queue) = ConnHandle::new(id, node.settings.limits.max_queue_bytes, Instant::now());
+    let (handle, queue) = ConnHandle::new(
+        id,
+        node.settings.limits.max_queue_bytes,
+        Instant::now(),
+        &node.hub.backlog,
+    );
     let conn = Arc::new(handle);
     conn.set_connected(identity.as_deref().unwrap_or(""));
     s.clients.insert(id, Arc::clone(&conn));
