@@ -72,9 +72,10 @@ log() { echo "bench-peers: $*" >&2; }
 SERVER_ON=()
 BENCH_ON=()
 NCPU="$(nproc)"
+cpu_range() { if [[ "$1" == "$2" ]]; then echo "$1"; else echo "$1-$2"; fi; }
 if [[ "$PIN" == 1 && "$NCPU" -ge 2 ]]; then
-    SERVER_CPUS="${SERVER_CPUS:-0-$((NCPU / 2 - 1))}"
-    BENCH_CPUS="${BENCH_CPUS:-$((NCPU / 2))-$((NCPU - 1))}"
+    SERVER_CPUS="${SERVER_CPUS:-$(cpu_range 0 $((NCPU / 2 - 1)))}"
+    BENCH_CPUS="${BENCH_CPUS:-$(cpu_range $((NCPU / 2)) $((NCPU - 1)))}"
     SERVER_ON=(taskset -c "$SERVER_CPUS")
     BENCH_ON=(taskset -c "$BENCH_CPUS")
     export BENCH_PINNING="servers on CPUs $SERVER_CPUS, load generator on CPUs $BENCH_CPUS"

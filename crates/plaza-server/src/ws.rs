@@ -47,8 +47,9 @@ const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_PENDING_REPLIES: usize = 1024;
 /// A write buffer above this size is not kept for the next drain.
 const KEEP_WRITE_BUFFER: usize = 64 * 1024;
-/// A drain of at most this many frames leaves the connection idle: its buffers are freed.
-const IDLE_DRAIN: usize = 2;
+/// A drain of at most this many bytes leaves the connection idle: its buffers are freed. (Bytes,
+/// not queued items: a batch of publications is one item.)
+const IDLE_DRAIN_BYTES: u64 = 512;
 
 /// The upgrade request: checked as RFC 6455 asks, answered with 101, and the connection's task
 /// spawned once hyper hands the socket over.
@@ -519,7 +520,7 @@ async fn write_loop<S: AsyncRead + AsyncWrite + Unpin>(
     let mut items = VecDeque::new();
     let mut out = Vec::new();
     let mut written = 0;
-    // Frames of the last drain: after a small one the connection is taken as idle and its
+    // Bytes of the last drain: after a small one the connection is taken as idle and its
     // buffers are freed; after a large one they are kept for the next drain, which is likely
     // to come soon (the keep-alive timer frees the queue's later if it does not).
     let mut last_drain = 0;
@@ -531,7 +532,7 @@ async fn write_loop<S: AsyncRead + AsyncWrite + Unpin>(
             if link.has_pong() {
                 return Poll::Ready(true);
             }
-            let release = last_drain <= IDLE_DRAIN;
+            let release = last_drain <= IDLE_DRAIN_BYTES;
             let taken = queue.poll_take(cx, &mut items, release);
             if taken.is_pending() && release {
                 items = VecDeque::new();
@@ -540,7 +541,6 @@ async fn write_loop<S: AsyncRead + AsyncWrite + Unpin>(
             taken.map(|()| true)
         })
         .await;
-        last_drain = items.len();
         if !ready {
             break;
         }
@@ -550,6 +550,7 @@ async fn write_loop<S: AsyncRead + AsyncWrite + Unpin>(
             codec::put_frame(codec::OP_PONG, &payload, &mut out);
         }
         let (close, _frames, bytes) = encode_batch(&mut items, &mut out, max_batch);
+        last_drain = bytes;
         // Anything after a close marker is dropped (nothing is queued after one).
         items.clear();
         metrics.bytes_sent_total.fetch_add(bytes, Relaxed);
