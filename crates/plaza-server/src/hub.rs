@@ -293,11 +293,9 @@ impl Hub {
         let Some(first) = run.first() else { return };
         let channel = first.channel.as_str();
         let follows_offsets = run.iter().any(|p| p.position.is_some());
-        let encode = |p: &Publication| {
-            native::encode_publication_parts(channel, p.position.as_ref(), &p.data)
-        };
         let mut lines: Option<Utf8Bytes> = None;
-        let mut frames: Vec<Utf8Bytes> = Vec::new();
+        // One native frame per publication, encoded by `offer` on first need, as in `fan_out`.
+        let mut frames: Vec<Option<Utf8Bytes>> = Vec::new();
         let mut delivered = 0u64;
         self.index.for_each_subscriber(channel, |_, subscriber| {
             let plain = subscriber.frames.is_none() && subscriber.encoder.is_none();
@@ -308,7 +306,8 @@ impl Hub {
                         if i > 0 {
                             text.push('\n');
                         }
-                        let frame = encode(p);
+                        let frame =
+                            native::encode_publication_parts(channel, p.position.as_ref(), &p.data);
                         debug_assert!(!frame.contains('\n'), "a frame is one line: {frame}");
                         text.push_str(&frame);
                     }
@@ -319,18 +318,9 @@ impl Hub {
                 }
                 return;
             }
-            if plain && frames.is_empty() {
-                frames = run.iter().map(|p| Utf8Bytes::from(encode(p))).collect();
-            }
-            for (i, p) in run.iter().enumerate() {
-                let mut frame = frames.get(i).cloned();
-                delivered += offer(
-                    subscriber,
-                    channel,
-                    p.position.as_ref(),
-                    &p.data,
-                    &mut frame,
-                );
+            frames.resize(run.len(), None);
+            for (p, frame) in run.iter().zip(frames.iter_mut()) {
+                delivered += offer(subscriber, channel, p.position.as_ref(), &p.data, frame);
             }
         });
         self.metrics.deliveries_total.fetch_add(delivered, Relaxed);
